@@ -1,0 +1,205 @@
+"""Datasets decoded once into uint8 tensors, rank-sharded batches, and the one uint8 <-> [-1, 1] conversion.
+
+Names: cifar10, stl10, tiny-imagenet, imagefolder (any folder of class folders) and digits (scikit-learn's
+bundled 8x8 digits, one channel, works offline). Splits: `train`, `test`, and `all`, which is what the
+diffusion model trains on (stl10: labelled train + test merged as in the original; digits: all 1797 images).
+"""
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.transforms.functional import resize
+
+DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits")
+NUM_CLASSES = {"cifar10": 10, "stl10": 10, "tiny-imagenet": 200, "digits": 10}
+
+
+class DatasetError(Exception):
+    """The data is missing, unreadable or cannot be downloaded; the message says where it should be."""
+
+
+@dataclass
+class ImageData:
+    """images [N, C, H, W] uint8, labels [N] int64, and the class names in label order."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+
+def to_float(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return u8.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8, u8 = floor((x + 1) / 2 * 255 + 0.5) clamped: the one quantisation of samples."""
+    return torch.floor((x.float() + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square-resize a uint8 batch with antialiased bilinear filtering; a no-op at the native size."""
+    if size <= 0 or images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return resize(images, [size, size], antialias=True)
+
+
+def save_grid(images_u8: torch.Tensor, nrow: int, path: str) -> None:
+    """Write a uint8 batch as one PNG grid, `nrow` images per row."""
+    grid = torchvision.utils.make_grid(images_u8, nrow=nrow, padding=2, pad_value=0)
+    torchvision.io.write_png(grid.cpu(), path)
+
+
+def _digits(split: str) -> ImageData:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8)[:, None]
+    labels = torch.from_numpy(d.target).long()
+    held_out = torch.arange(len(labels)) % 5 == 0  # a fixed, roughly class-balanced 20% test split
+    keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
+    return ImageData(images[keep], labels[keep], [str(i) for i in range(10)])
+
+
+def _torchvision(cls, root: str, download: bool, how: str, **kwargs) -> torchvision.datasets.VisionDataset:
+    try:
+        return cls(root=root, download=download, **kwargs)
+    except (RuntimeError, OSError) as e:
+        reason = "the download failed" if download else "--download is off"
+        raise DatasetError(f"{cls.__name__} not found in {os.path.abspath(root)} and {reason} ({e}); {how}") from None
+
+
+def _cifar10(root: str, split: str, download: bool) -> ImageData:
+    how = "put the extracted cifar-10-batches-py folder there, or run once with internet access"
+    ds = _torchvision(torchvision.datasets.CIFAR10, os.path.join(root, "cifar10"), download, how,
+                      train=split != "test")
+    return ImageData(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
+
+
+def _stl10(root: str, split: str, download: bool) -> ImageData:
+    how = "put the extracted stl10_binary folder there, or run once with internet access"
+    parts = {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[split]
+    sets = [_torchvision(torchvision.datasets.STL10, os.path.join(root, "stl10"), download, how, split=s) for s in parts]
+    return ImageData(torch.from_numpy(np.concatenate([s.data for s in sets])),
+                     torch.from_numpy(np.concatenate([s.labels for s in sets])).long(), sets[0].classes)
+
+
+def _decode(path: str) -> torch.Tensor:
+    return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+
+
+def _image_folder(folder: str, size: int, workers: int, cache_dir: str) -> ImageData:
+    """Decode a folder of class folders once (resized to `size`) and cache the uint8 tensor on disk."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"image folder {os.path.abspath(folder)} does not exist; it must hold one sub-folder "
+                           "of images per class")
+    key = hashlib.sha1(f"{os.path.abspath(folder)}:{size}".encode()).hexdigest()[:12]
+    cache = os.path.join(cache_dir, f"imagefolder_{key}.pt")
+    if os.path.exists(cache):
+        blob = torch.load(cache, weights_only=True)
+        return ImageData(blob["images"], blob["labels"], blob["classes"])
+    ds = torchvision.datasets.ImageFolder(folder)
+    if len(ds) == 0:
+        raise DatasetError(f"no images found in {os.path.abspath(folder)}")
+
+    def load(path: str) -> torch.Tensor:
+        img = _decode(path)
+        return resize_uint8(img[None], size if size > 0 else img.shape[-1])[0]
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(pool.map(load, [p for p, _ in ds.samples]))
+    if len({tuple(i.shape) for i in images}) > 1:
+        raise DatasetError(f"images in {folder} differ in size; pass --image_size to resize them")
+    data = ImageData(torch.stack(images), torch.tensor(ds.targets), ds.classes)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, tmp)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only data folder only costs decoding again next time
+    return data
+
+
+def _tiny_val(folder: str, size: int, workers: int) -> ImageData:
+    """Tiny ImageNet's val/ split: images/ plus val_annotations.txt (file, wnid, box)."""
+    train = torchvision.datasets.ImageFolder(os.path.join(folder, "train"))
+    ann = os.path.join(folder, "val", "val_annotations.txt")
+    if not os.path.exists(ann):
+        raise DatasetError(f"{ann} not found; tiny-imagenet's test split is val/ with its val_annotations.txt")
+    rows = [line.split("\t")[:2] for line in open(ann) if line.strip()]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(pool.map(lambda r: resize_uint8(_decode(os.path.join(folder, "val", "images", r[0]))[None],
+                                                      size)[0], rows))
+    return ImageData(torch.stack(images), torch.tensor([train.class_to_idx[w] for _, w in rows]), train.classes)
+
+
+def load_dataset(name: str, split: str = "all", data_root: str = "datasets", image_size: int = -1,
+                 download: bool = True, tiny_imagenet_path: str | None = None, workers: int = 4) -> ImageData:
+    """Load a dataset split as one uint8 tensor, resized to image_size (-1 keeps the native size)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split '{split}'")
+    cache_dir = os.path.join(data_root, "cache")
+    if name == "digits":
+        data = _digits(split)
+    elif name == "cifar10":
+        data = _cifar10(data_root, split, download)
+    elif name == "stl10":
+        data = _stl10(data_root, split, download)
+    elif name == "tiny-imagenet":
+        folder = tiny_imagenet_path or os.path.join(data_root, "tiny-imagenet-200")
+        if not os.path.isdir(os.path.join(folder, "train")):
+            raise DatasetError(f"tiny-imagenet not found: {os.path.abspath(folder)}/train does not exist; download "
+                               "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it there "
+                               "(or pass --tiny_imagenet_path)")
+        if split == "test":
+            return _tiny_val(folder, image_size, workers)
+        data = _image_folder(os.path.join(folder, "train"), image_size, workers, cache_dir)
+    else:
+        if split == "test":
+            raise DatasetError("imagefolder has no test split")
+        data = _image_folder(data_root, image_size, workers, os.path.join(data_root, ".cache"))
+    data.images = resize_uint8(data.images, image_size)
+    return data
+
+
+class ShardedBatches:
+    """Per-epoch permutation of N indices, a function of (seed, epoch), cut into this rank's batches.
+
+    Every rank draws the same permutation, drops the tail that does not fill a global batch
+    (batch_size x world), and takes its strided share, so ranks never overlap within an epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        if len(self) == 0:
+            raise DatasetError(f"{n} images are fewer than one global batch ({batch_size} per device x {world} "
+                               "devices); lower --batchsize")
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def epoch(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for `epoch`, shape [batches, batch_size]."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * self.world]
+        return perm.view(len(self), self.batch_size, self.world)[:, :, self.rank]
+
+
+def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels 0,0,..,1,1,.. so that a grid with `per_class` images per row shows one class per row."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+

@@ -1,0 +1,167 @@
+"""Gaussian diffusion (SPEC section 3): schedules, q_sample, the training loss, CFG, DDPM and DDIM sampling.
+
+Every random draw can come from a `torch.Generator`, or from a list of generators, one per image, so that an
+image depends on its own seed only (not on the batch it was drawn in).
+"""
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def linear_betas(T: int) -> np.ndarray:
+    """The original's linear schedule, rescaled so that any T spans the same noise range as T = 1000."""
+    scale = 1000 / T
+    return np.linspace(1e-4 * scale, 0.02 * scale, T, dtype=np.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008) -> np.ndarray:
+    """Nichol & Dhariwal (2021) cosine schedule, betas clipped at 0.999."""
+    f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return np.minimum(1 - f[1:] / f[:-1], 0.999)
+
+
+def make_betas(schedule: str, T: int) -> np.ndarray:
+    """Betas of the named schedule ('linear' or 'cosine')."""
+    if schedule == "linear":
+        return linear_betas(T)
+    if schedule == "cosine":
+        return cosine_betas(T)
+    raise ValueError(f"unknown beta schedule '{schedule}' (choose linear or cosine)")
+
+
+def randn(shape: Sequence[int], generator: Generator, device: torch.device | str) -> torch.Tensor:
+    """Standard normal noise; with a list of generators, row i is drawn from generator i alone."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+
+
+def drop_condition(cemb: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each row of the class embedding by the null condition (zeros) with probability p (CFG training)."""
+    gen_device = generator.device if generator is not None else cemb.device
+    keep = torch.rand(cemb.shape[0], generator=generator, device=gen_device).to(cemb.device) >= p
+    return cemb * keep[:, None].to(cemb.dtype)
+
+
+def ddim_timesteps(T: int, num_steps: int, select: str = "linear") -> list[int]:
+    """The DDIM sub-sequence tau of {0..T-1}, increasing, of length num_steps."""
+    if not 2 <= num_steps <= T:
+        raise ValueError(f"DDIM needs 2 <= --num_steps <= T ({T}); got {num_steps}")
+    if select == "linear":
+        return np.floor(np.linspace(0, T - 1, num_steps)).astype(int).tolist()
+    if select == "quadratic":
+        tau = [0] + np.floor(np.linspace(0, math.sqrt(T), num_steps - 1) ** 2).astype(int).tolist()
+        tau[-1] = T - 1
+        return tau
+    raise ValueError(f"unknown DDIM step selection '{select}' (choose linear or quadratic)")
+
+
+class GaussianDiffusion:
+    """Forward process, eps-MSE loss and guided samplers for a fixed beta schedule."""
+
+    def __init__(self, betas: np.ndarray, device: torch.device | str = "cpu", v: float = 1.0,
+                 low_t_frac: float = 0.1, low_t_max: int = 50):
+        b = torch.as_tensor(np.asarray(betas), dtype=torch.float64)
+        self.T = len(b)
+        self.device = torch.device(device)
+        self.low_t_frac = low_t_frac
+        self.low_t_max = low_t_max
+        alphas = 1 - b
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        tilde_beta = b * (1 - abar_prev) / (1 - abar)
+        # tilde_beta_0 = 0; t = 0 adds no noise, so only its log needs a finite stand-in
+        log_tilde = torch.log(torch.cat([tilde_beta[1:2], tilde_beta[1:]]))
+        var = torch.exp(v * torch.log(b) + (1 - v) * log_tilde)
+        self.abar = abar.tolist()  # float64 scalars for the DDIM coefficients
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.sqrt_abar = abar.sqrt().to(**f32)
+        self.sqrt_one_minus_abar = (1 - abar).sqrt().to(**f32)
+        self.mean_coef_x = (1 / alphas.sqrt()).to(**f32)
+        self.mean_coef_eps = (b / (1 - abar).sqrt() / alphas.sqrt()).to(**f32)
+        self.sigma = var.sqrt().to(**f32)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        return self.sqrt_abar[t].view(shape) * x0 + self.sqrt_one_minus_abar[t].view(shape) * noise
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """B//10 timesteps from {0..49} (ProtoDiffusion's emphasis on low noise), the rest from {0..T-1}."""
+        n_low = int(batch * self.low_t_frac + 1e-6)
+        gen_device = generator.device if generator is not None else self.device
+        t = torch.cat([torch.randint(self.T, (batch - n_low,), generator=generator, device=gen_device),
+                       torch.randint(min(self.low_t_max, self.T), (n_low,), generator=generator, device=gen_device)])
+        return t.to(self.device)
+
+    def train_loss(self, model: Model, x0: torch.Tensor, cemb: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error between the predicted and the true noise over all elements."""
+        t = self.sample_timesteps(x0.shape[0], generator)
+        noise = randn(x0.shape, generator, x0.device)
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t, cemb), noise)
+
+    def guided_eps(self, model: Model, x: torch.Tensor, t: torch.Tensor, cemb: torch.Tensor, w: float,
+                   one_pass: bool | None = None) -> torch.Tensor:
+        """CFG: (1 + w) eps(x, t, c) - w eps(x, t, 0). one_pass runs both halves as one 2B batch (default on CUDA)."""
+        if w == 0:
+            return model(x, t, cemb)
+        if one_pass is None:
+            one_pass = x.device.type == "cuda"
+        if one_pass:
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cemb, torch.zeros_like(cemb)])).chunk(2)
+        else:
+            cond, uncond = model(x, t, cemb), model(x, t, torch.zeros_like(cemb))
+        return (1 + w) * cond - w * uncond
+
+    def ddpm_step(self, x: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with no noise at t = 0."""
+        mean = self.mean_coef_x[t] * x - self.mean_coef_eps[t] * eps
+        return mean + self.sigma[t] * noise if t > 0 and noise is not None else mean
+
+    def ddim_step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, eta: float,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+        """One DDIM update from t to t_prev (t_prev = -1 means the clean image, abar_{-1} = 1)."""
+        a_t = self.abar[t]
+        a_prev = self.abar[t_prev] if t_prev >= 0 else 1.0
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        out = math.sqrt(a_prev) * x0 + math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)) * eps
+        return out + sigma * noise if sigma > 0 and noise is not None else out
+
+    @torch.inference_mode()
+    def sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], w: float = 1.8,
+               generator: Generator = None, progress: bool = False) -> torch.Tensor:
+        """Ancestral DDPM sampling over all T steps; returns x_0 clamped to [-1, 1]."""
+        x = randn(shape, generator, self.device)
+        for t in tqdm(range(self.T - 1, -1, -1), disable=not progress, desc="DDPM", leave=False):
+            tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
+            eps = self.guided_eps(model, x, tt, cemb, w)
+            x = self.ddpm_step(x, t, eps, randn(shape, generator, self.device) if t > 0 else None)
+        return x.clamp(-1, 1)
+
+    @torch.inference_mode()
+    def ddim_sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], num_steps: int = 50,
+                    eta: float = 0.0, select: str = "linear", w: float = 1.8, generator: Generator = None,
+                    progress: bool = False) -> torch.Tensor:
+        """DDIM sampling over num_steps timesteps chosen by `select`; returns x_0 clamped to [-1, 1]."""
+        tau = ddim_timesteps(self.T, num_steps, select)
+        x = randn(shape, generator, self.device)
+        for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
+            t, t_prev = tau[i], (tau[i - 1] if i > 0 else -1)
+            tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
+            eps = self.guided_eps(model, x, tt, cemb, w)
+            noise = randn(shape, generator, self.device) if eta > 0 and t_prev >= 0 else None
+            x = self.ddim_step(x, t, t_prev, eps, eta, noise)
+        return x.clamp(-1, 1)

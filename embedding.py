@@ -1,0 +1,35 @@
+"""Class-embedding table + MLP (`ConditionalEmbedding`) and putting prototypes into its table."""
+import torch
+from torch import nn
+
+
+class ConditionalEmbedding(nn.Module):
+    """Label -> table row (d_model) -> Linear, SiLU, Linear (dim); the output conditions the UNet.
+
+    Unlike the original we pass no padding_idx: there it froze class 0's row at zero, which made class 0
+    indistinguishable from the CFG null condition.
+    """
+
+    def __init__(self, num_labels: int, d_model: int, dim: int):
+        super().__init__()
+        self.condEmbedding = nn.Sequential(nn.Embedding(num_labels, d_model), nn.Linear(d_model, dim), nn.SiLU(),
+                                           nn.Linear(dim, dim))
+
+    @property
+    def table(self) -> nn.Parameter:
+        """The [num_labels, d_model] class table (random in `regular`, prototypes in the proto modes)."""
+        return self.condEmbedding[0].weight
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.condEmbedding(labels)
+
+
+def set_class_table(cemb: ConditionalEmbedding, rows: torch.Tensor, trainable: bool) -> None:
+    """Copy `rows` [C, D] into the class table; a frozen table gets no gradient, so AdamW never touches it."""
+    table = cemb.table
+    if tuple(rows.shape) != tuple(table.shape):
+        raise ValueError(f"class table is {tuple(table.shape)} (classes x cdim) but the rows given are "
+                         f"{tuple(rows.shape)}")
+    with torch.no_grad():
+        table.copy_(rows.to(table.dtype))
+    table.requires_grad_(trainable)

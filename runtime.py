@@ -1,0 +1,188 @@
+"""What every script shares: flag parsing helpers, clear errors, DDP setup, seeding, run dirs, checkpoint IO."""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as one `error:` line, without a traceback."""
+
+
+def str2bool(s: str) -> bool:
+    """argparse type accepting True/False/1/0/yes/no (any case)."""
+    v = str(s).strip().lower()
+    if v in ("true", "1", "yes", "y"):
+        return True
+    if v in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/1/0, got '{s}'")
+
+
+def int_list(s: str) -> list[int]:
+    """argparse type for lists like `1,2,4,4` (also `[1,2,4,4]` and `1 2 4 4`)."""
+    try:
+        return [int(p) for p in s.strip("[]() ").replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4,4, got '{s}'") from None
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
+    """Parse flags and run main; a UserError (or missing file) becomes one `error:` line and exit code 2."""
+    parser.add_argument("--debug", type=str2bool, default=False, help="show full tracebacks instead of one-line errors")
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (UserError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:
+        if args.debug:
+            raise
+        traceback.print_exc()
+        sys.exit(1)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); LOCAL_RANK picks the GPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise UserError(f"unknown --device '{device}' (choose auto, cuda or cpu)")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value of obj on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All global RNG states, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def new_run_dir(results: str, mode: str, dataset: str) -> str:
+    """results/{mode}/{dataset}/{timestamp}, with a numeric suffix if that name is taken; created empty."""
+    base = os.path.join(results, mode, dataset, time.strftime("%Y-%m-%d_%H-%M-%S"))
+    path, k = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            path, k = f"{base}-{k}", k + 1
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path: str, what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True) on CPU; a missing, truncated or foreign file becomes a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {what} {path}: it is truncated, corrupt or not a weights-only torch file "
+                        f"({first})") from None
+
+
+class RunLog:
+    """Rank 0's log: lines to stdout and log.txt, records to metrics.jsonl; other ranks stay silent."""
+
+    def __init__(self, run_dir: str | None, active: bool):
+        self.run_dir = run_dir
+        self.active = active
+
+    def line(self, msg: str) -> None:
+        if not self.active:
+            return
+        print(msg, flush=True)
+        if self.run_dir:
+            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+
+    def record(self, **fields: Any) -> None:
+        if self.active and self.run_dir:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(fields) + "\n")
