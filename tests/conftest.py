@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+# the smallest UNet the code accepts, on native 8x8 one-channel digits
+TINY = ["--dataset", "digits", "--modch", "32", "--chmul", "1,2", "--numres", "1", "--batchsize", "64",
+        "--ddim", "True", "--num_steps", "3", "--genbatch", "10", "--log_every", "5"]
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)
+
+
+def run_env() -> dict:
+    """Environment for subprocesses: the repo importable, no network-bound downloads, few threads."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env

@@ -1,0 +1,153 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import GaussianDiffusion, ddim_timesteps, drop_condition, linear_betas, randn
+from unet import Unet
+
+T = 1000
+
+
+def closed_form_abar():
+    betas = np.linspace(1e-4, 0.02, T)
+    return betas, np.cumprod(1 - betas)
+
+
+@pytest.fixture
+def diff():
+    return GaussianDiffusion(linear_betas(T))
+
+
+class Oracle(torch.nn.Module):
+    """Knows x0; returns the eps that makes x_t consistent with it (a perfect denoiser)."""
+
+    def __init__(self, x0, abar):
+        super().__init__()
+        self.x0, self.abar = x0, torch.tensor(abar)
+
+    def forward(self, x, t, cemb):
+        a = self.abar[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+def test_linear_betas_scale_with_T():
+    np.testing.assert_allclose(linear_betas(1000), np.linspace(1e-4, 0.02, 1000))
+    np.testing.assert_allclose(linear_betas(500), np.linspace(2e-4, 0.04, 500))
+
+
+def test_q_sample_closed_form(diff):
+    _, abar = closed_form_abar()
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    ref = torch.tensor(np.sqrt(abar[[0, 500, 999]])).float().view(-1, 1, 1, 1) * x0 + \
+        torch.tensor(np.sqrt(1 - abar[[0, 500, 999]])).float().view(-1, 1, 1, 1) * noise
+    torch.testing.assert_close(diff.q_sample(x0, t, noise), ref)
+
+
+def test_train_loss_is_eps_mse_with_ten_percent_low_t(diff):
+    _, abar = closed_form_abar()
+    seen = {}
+
+    def model(x, t, cemb):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    x0 = torch.randn(100, 1, 4, 4)
+    loss = diff.train_loss(model, x0, torch.zeros(100, 8))
+    t = seen["t"]
+    a = torch.tensor(abar[t.numpy()]).float().view(-1, 1, 1, 1)
+    noise = (seen["x"] - a.sqrt() * x0) / (1 - a).sqrt()  # recover the true noise independently
+    torch.testing.assert_close(loss, (noise ** 2).mean(), rtol=1e-4, atol=1e-5)
+    assert (t < 50).sum() >= 10 and t.max() < T and t.min() >= 0
+    counts = [(diff.sample_timesteps(100) < 50).sum().item() for _ in range(200)]
+    assert min(counts) >= 10  # exactly B//10 forced low, plus ~5% of the rest by chance
+    assert abs(np.mean(counts) - (10 + 90 * 50 / T)) < 1.0
+
+
+def test_drop_condition_rate_and_zero_rows():
+    cemb = torch.ones(20000, 4)
+    out = drop_condition(cemb, 0.1, torch.Generator().manual_seed(0))
+    dropped = (out == 0).all(1)
+    assert ((out == 1).all(1) | dropped).all()
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+
+
+def test_one_pass_cfg_equals_two_passes(diff):
+    torch.manual_seed(0)
+    net = Unet(1, 32, 1, (1, 2), 1, 16).eval()
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([1, 400, 999]), torch.randn(3, 16)
+    with torch.no_grad():
+        one = diff.guided_eps(net, x, t, c, 1.8, one_pass=True)
+        two = diff.guided_eps(net, x, t, c, 1.8, one_pass=False)
+        ref = 2.8 * net(x, t, c) - 1.8 * net(x, t, torch.zeros_like(c))
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ddpm_step_mean_is_the_posterior_mean_and_v1_variance_is_beta(diff):
+    betas, abar = closed_form_abar()
+    x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    t = 300
+    xt = math.sqrt(abar[t]) * x0 + math.sqrt(1 - abar[t]) * eps
+    # q(x_{t-1} | x_t, x_0) mean, Ho et al. (2020) eq. 7
+    post = (math.sqrt(abar[t - 1]) * betas[t] / (1 - abar[t])) * x0 + \
+        (math.sqrt(1 - betas[t]) * (1 - abar[t - 1]) / (1 - abar[t])) * xt
+    torch.testing.assert_close(diff.ddpm_step(xt, t, eps, None), post.float(), atol=1e-5, rtol=1e-4)
+    one = torch.ones(1)
+    assert diff.ddpm_step(0 * one, t, 0 * one, one).item() == pytest.approx(math.sqrt(betas[t]), rel=1e-5)
+    tilde = betas[t] * (1 - abar[t - 1]) / (1 - abar[t])
+    small = GaussianDiffusion(linear_betas(T), v=0.0)
+    assert small.ddpm_step(0 * one, t, 0 * one, one).item() == pytest.approx(math.sqrt(tilde), rel=1e-5)
+    assert diff.ddpm_step(0 * one, 0, 0 * one, one).item() == 0.0  # no noise at t = 0
+
+
+def test_ddim_timesteps_closed_forms():
+    assert ddim_timesteps(T, 5, "linear") == [0, 249, 499, 749, 999]
+    q = ddim_timesteps(T, 5, "quadratic")
+    assert q == [0] + [int(v) for v in np.linspace(0, math.sqrt(T), 4) ** 2][:-1] + [999]
+    for bad in (1, T + 1):
+        with pytest.raises(ValueError, match="num_steps"):
+            ddim_timesteps(T, bad)
+
+
+def test_ddim_eta0_with_true_noise_recovers_x0(diff):
+    _, abar = closed_form_abar()
+    x0, eps = torch.rand(2, 1, 4, 4) * 1.6 - 0.8, torch.randn(2, 1, 4, 4)
+    tau = ddim_timesteps(T, 10)
+    x = math.sqrt(abar[999]) * x0 + math.sqrt(1 - abar[999]) * eps
+    for i in range(len(tau) - 1, -1, -1):
+        x = diff.ddim_step(x, tau[i], tau[i - 1] if i else -1, eps, 0.0, None)
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eta,select", [(0.0, "linear"), (1.0, "quadratic")])
+def test_ddim_sample_with_a_perfect_denoiser_returns_x0(diff, eta, select):
+    _, abar = closed_form_abar()
+    x0 = torch.rand(2, 1, 4, 4) * 1.6 - 0.8
+    out = diff.ddim_sample(Oracle(x0, abar), torch.randn(2, 8), (2, 1, 4, 4), 20, eta, select, w=1.8,
+                           generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x0, atol=1e-3, rtol=1e-3)
+
+
+def test_ddpm_sample_with_a_perfect_denoiser_returns_x0():
+    betas = linear_betas(50)
+    diff = GaussianDiffusion(betas)
+    x0 = torch.rand(2, 1, 4, 4) * 1.6 - 0.8
+    out = diff.sample(Oracle(x0, np.cumprod(1 - betas)), torch.randn(2, 8), (2, 1, 4, 4), w=0.5,
+                      generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_per_image_generators_make_images_independent_of_the_batch(diff):
+    torch.manual_seed(0)
+    net = Unet(1, 32, 1, (1, 2), 1, 16).eval()
+    c = torch.randn(3, 16)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    both = diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 1.0, generator=gens([10, 11, 12]))
+    last = diff.ddim_sample(net, c[2:], (1, 1, 8, 8), 4, 1.0, generator=gens([12]))
+    torch.testing.assert_close(both[2:], last, atol=1e-5, rtol=1e-5)
+    again = diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 0.0, generator=gens([10, 11, 12]))
+    assert torch.equal(again, diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 0.0, generator=gens([10, 11, 12])))
+    assert randn((2, 3), gens([5, 6]), "cpu")[1].equal(torch.randn(3, generator=torch.Generator().manual_seed(6)))

@@ -1,0 +1,117 @@
+"""Train the prototype classifier and write its prototype checkpoint (the input of train.py --mode proto_*).
+
+    python train_classifier.py --dataset digits --image_size 16 --pretrained False --out proto.pt
+    torchrun --standalone --nproc_per_node=gpu train_classifier.py --dataset cifar10 --out cifar10_proto.pt
+`--batchsize` is per device. Test accuracy: cifar10/stl10 test split, tiny-imagenet val/, digits a fixed 20%.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
+from prototypes import FORMAT, PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18
+from runtime import (UserError, run_cli, save_atomic, seed_everything, setup_distributed, str2bool,
+                     teardown_distributed)
+
+
+@torch.no_grad()
+def test_accuracy(model: PrototypeClassifier, images: torch.Tensor, labels: torch.Tensor, rank: int, world: int,
+                  batch: int = 500) -> float:
+    """Share of the test split assigned to its class by the nearest prototype; ranks split the work."""
+    model.eval()
+    counts = torch.zeros(2, device=images.device)  # correct, seen
+    for i in range(rank * batch, len(labels), batch * world):
+        _, logits = model(to_float(images[i:i + batch]))
+        counts[0] += (logits.argmax(1) == labels[i:i + batch]).sum()
+        counts[1] += len(logits)
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return (counts[0] / counts[1]).item()
+
+
+def main(args: argparse.Namespace) -> None:
+    d = setup_distributed(args.device)
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
+    if os.path.exists(args.out):
+        raise UserError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
+    try:
+        train = load_dataset(args.dataset, "train", args.data_root, args.image_size, args.download,
+                             args.tiny_imagenet_path, args.numworkers)
+        test = load_dataset(args.dataset, "test", args.data_root, train.size, args.download,
+                            args.tiny_imagenet_path, args.numworkers)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    seed_everything(args.seed)
+    resnet = imagenet_resnet18() if args.pretrained else None
+    model = PrototypeClassifier(len(train.classes), args.cdim, args.scale, resnet).to(d.device)
+    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    seed_everything(args.seed * d.world + d.rank)
+    images, labels = train.images.to(d.device), train.labels.to(d.device)
+    test_images, test_labels = test.images.to(d.device), test.labels.to(d.device)
+    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
+    if d.is_main:
+        print(f"{args.dataset}: {len(labels)} train / {len(test_labels)} test images {tuple(images.shape[1:])}, "
+              f"{len(train.classes)} classes; {d.world} process(es) on {d.device.type}", flush=True)
+
+    t_start, acc = time.time(), 0.0
+    for epoch in range(args.epoch):
+        loss_sum = torch.zeros((), device=d.device)
+        for idx in tqdm(batches.epoch(epoch), desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
+                        leave=False, dynamic_ncols=True):
+            idx = idx.to(d.device)
+            features, logits = ddp(to_float(images[idx]))
+            loss, _ = dce_and_prototype_loss(features, logits, model.dce_loss.centers, labels[idx], args.pl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        acc = test_accuracy(model, test_images, test_labels, d.rank, d.world)
+        if d.is_main:
+            print(f"epoch {epoch + 1}/{args.epoch}: loss {loss_sum.item() / len(batches):.4f}, "
+                  f"test accuracy {acc:.4f}, {time.time() - t_start:.0f} s", flush=True)
+
+    if d.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        save_atomic({"format": FORMAT, "prototypes": model.prototypes.cpu(),
+                     "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "config": {k: v for k, v in vars(args).items() if k not in ("device", "debug")} |
+                     {"image_size": train.size, "channels": train.channels},
+                     "test_accuracy": acc, "classes": train.classes}, args.out)
+        print(f"prototypes {tuple(model.prototypes.shape)} and classifier -> {args.out} "
+              f"(test accuracy {acc:.4f}, {time.time() - t_start:.0f} s)", flush=True)
+    teardown_distributed()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a ResNet18 prototype classifier (distance-based cross-entropy) "
+                                "and save its class prototypes for ProtoDiffusion.")
+    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data_root", default="datasets", help="folder holding the datasets")
+    p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
+    p.add_argument("--tiny_imagenet_path", default=None, help="tiny-imagenet-200 folder (default DATA_ROOT/tiny-imagenet-200)")
+    p.add_argument("--numworkers", type=int, default=4, help="threads that decode image folders")
+    p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
+    p.add_argument("--cdim", type=int, default=128, help="prototype / feature dimension D (the paper's 128)")
+    p.add_argument("--scale", type=float, default=2.0, help="s in log_softmax(-s * distance)")
+    p.add_argument("--pl_weight", type=float, default=0.01, help="weight of the prototype loss mean |f - c_y|^2")
+    p.add_argument("--epoch", type=int, default=15, help="epochs to train")
+    p.add_argument("--batchsize", type=int, default=128, help="batch size per device")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--pretrained", type=str2bool, default=True, help="start from torchvision's ImageNet ResNet18 "
+                   "weights (as the original did)")
+    p.add_argument("--seed", type=int, default=0, help="global seed")
+    p.add_argument("--out", default="results/classifier/prototypes.pt", help="where to write the prototype checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
