@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torchvision.transforms.functional import resize
 
 DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits")
@@ -57,8 +58,8 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def save_grid(images_u8: torch.Tensor, nrow: int, path: str) -> None:
     """Write a uint8 batch as one PNG grid, `nrow` images per row."""
-    grid = torchvision.utils.make_grid(images_u8, nrow=nrow, padding=2, pad_value=0)
-    torchvision.io.write_png(grid.cpu(), path)
+    grid = torchvision.utils.make_grid(images_u8.cpu(), nrow=nrow, padding=2, pad_value=0)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def _digits(split: str) -> ImageData:
@@ -66,7 +67,11 @@ def _digits(split: str) -> ImageData:
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8)[:, None]
     labels = torch.from_numpy(d.target).long()
-    held_out = torch.arange(len(labels)) % 5 == 0  # a fixed, roughly class-balanced 20% test split
+    rank_in_class = torch.zeros_like(labels)
+    for c in range(10):
+        members = (labels == c).nonzero()[:, 0]
+        rank_in_class[members] = torch.arange(len(members))
+    held_out = rank_in_class % 5 == 0  # a fixed 20% of every class
     keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
     return ImageData(images[keep], labels[keep], [str(i) for i in range(10)])
 
@@ -95,7 +100,8 @@ def _stl10(root: str, split: str, download: bool) -> ImageData:
 
 
 def _decode(path: str) -> torch.Tensor:
-    return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def _image_folder(folder: str, size: int, workers: int, cache_dir: str) -> ImageData:

@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                         f"got clsnum {clsnum}, genbatch {args.genbatch}")
     cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
     cfg.update(inch=data.channels, outch=data.channels, image_size=data.size, num_classes=len(data.classes),
-               classes=data.classes, clsnum=clsnum, world_size=d.world, torch=torch.__version__)
+               classes=data.classes, clsnum=clsnum, world_size=d.world, torch=str(torch.__version__))
     images, labels = data.images.to(d.device), data.labels.to(d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
 

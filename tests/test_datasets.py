@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from datasets import DatasetError, ShardedBatches, load_dataset, resize_uint8, to_float, to_uint8
+
+
+def test_uint8_conversion_formula_and_round_trip():
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 3.0])
+    expected = np.clip(np.floor((x.numpy() + 1) / 2 * 255 + 0.5), 0, 255).astype(np.uint8)
+    assert to_uint8(x).numpy().tolist() == expected.tolist()
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_float(u)), u)
+    assert to_float(u).min() == -1 and to_float(u).max() == 1
+
+
+def test_digits_offline_splits():
+    from sklearn.datasets import load_digits
+    ref = load_digits()
+    all_ = load_dataset("digits", "all")
+    assert all_.images.shape == (1797, 1, 8, 8) and all_.images.dtype == torch.uint8
+    assert torch.equal(all_.labels, torch.from_numpy(ref.target).long())
+    assert all_.images[0, 0].tolist() == np.round(ref.images[0] * 255 / 16).astype(int).tolist()
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert len(train.labels) + len(test.labels) == 1797
+    per_class, held = torch.bincount(all_.labels), torch.bincount(test.labels)
+    assert ((held - per_class / 5).abs() <= 1).all()  # 20% of every class held out
+    assert load_dataset("digits", "all", image_size=16).images.shape == (1797, 1, 16, 16)
+
+
+def test_resize_keeps_a_constant_image_constant():
+    img = torch.full((2, 3, 8, 8), 77, dtype=torch.uint8)
+    out = resize_uint8(img, 16)
+    assert out.shape == (2, 3, 16, 16) and (out == 77).all()
+
+
+def test_missing_cifar10_names_the_folder(tmp_path):
+    with pytest.raises(DatasetError, match=str(tmp_path / "cifar10")):
+        load_dataset("cifar10", "train", str(tmp_path), download=False)
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("mnist", "train")
+
+
+def test_imagefolder_decodes_and_caches(tmp_path):
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (12, 12), (40 * i,) * 3).save(tmp_path / c / f"{i}.png")
+    data = load_dataset("imagefolder", data_root=str(tmp_path), image_size=8)
+    assert data.images.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"]
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert list((tmp_path / ".cache").iterdir())
+    assert torch.equal(load_dataset("imagefolder", data_root=str(tmp_path), image_size=8).images, data.images)
+
+
+def test_sharded_batches_partition_each_epoch():
+    n, b, world = 103, 8, 3
+    shards = [ShardedBatches(n, b, r, world, seed=5) for r in range(world)]
+    assert len(shards[0]) == n // (b * world)
+    e0 = torch.cat([s.epoch(0).flatten() for s in shards])
+    assert len(e0) == len(set(e0.tolist())) == len(shards[0]) * b * world  # disjoint, drop_last
+    assert not torch.equal(shards[0].epoch(0), shards[0].epoch(1))
+    assert torch.equal(shards[1].epoch(4), ShardedBatches(n, b, 1, world, seed=5).epoch(4))  # f(seed, epoch)
+    with pytest.raises(DatasetError, match="fewer than one global batch"):
+        ShardedBatches(10, 8, 0, 2)

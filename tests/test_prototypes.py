@@ -1,0 +1,154 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, run_env
+
+import train
+from prototypes import PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18, load_classifier, load_prototypes
+from runtime import UserError
+
+# The authors' classes, written from their description: a whole ModifiedResNet pickled from a module `Models`.
+AUTHORS_MODELS = textwrap.dedent("""
+    import torch, torchvision
+    from torch import nn
+
+    class ModifiedResNet(nn.Module):
+        def __init__(self, num_hidden_units, s):
+            super().__init__()
+            self.scale = s
+            self.resnet = torchvision.models.resnet18()
+            self.reduce_to_hidden = nn.Linear(1000, num_hidden_units)
+            self.dce_loss = dce_loss(10, num_hidden_units)
+
+    class dce_loss(nn.Module):
+        def __init__(self, n_classes, feat_dim):
+            super().__init__()
+            self.n_classes, self.feat_dim = n_classes, feat_dim
+            self.centers = nn.Parameter(torch.randn(feat_dim, n_classes))
+""")
+
+
+@pytest.fixture(scope="module")
+def authors_pickle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("authors")
+    (d / "Models.py").write_text(AUTHORS_MODELS)
+    code = "import torch, Models; torch.manual_seed(3); torch.save(Models.ModifiedResNet(128, 2), 'best_model.pt')"
+    subprocess.run([sys.executable, "-c", code], cwd=d, check=True, env=run_env())
+    return d / "best_model.pt"
+
+
+def evil_pickle(path, marker):
+    code = textwrap.dedent(f"""
+        import os, torch
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch {marker}",))
+        torch.save({{"prototypes": Evil()}}, {str(path)!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env=run_env())
+
+
+def tiny_main(args, extra):
+    return train.main(train.build_parser().parse_args(args + ["--epoch", "1"] + extra))
+
+
+def initial_models(cdim=128):
+    torch.manual_seed(0)
+    return train.build_models({"inch": 1, "outch": 1, "modch": 32, "chmul": [1, 2], "numres": 1, "cdim": cdim,
+                               "useconv": True, "droprate": 0.1, "num_classes": 10})
+
+
+def test_dce_and_prototype_loss_closed_form():
+    torch.manual_seed(0)
+    f, c, y = torch.rand(5, 4), torch.randn(4, 3), torch.tensor([0, 2, 1, 1, 0])
+    model = PrototypeClassifier(3, 4, scale=2.0)
+    with torch.no_grad():
+        model.dce_loss.centers.copy_(c)
+    logits = -2.0 * model.dce_loss(f)
+    dist = torch.tensor([[float(((f[i] - c[:, k]) ** 2).sum()) for k in range(3)] for i in range(5)])
+    torch.testing.assert_close(logits, -2.0 * dist, atol=1e-5, rtol=1e-5)
+    total, dce = dce_and_prototype_loss(f, logits, c, y, pl_weight=0.5)
+    nll = -torch.stack([torch.log_softmax(-2.0 * dist[i], 0)[y[i]] for i in range(5)]).mean()
+    pl = torch.stack([((f[i] - c[:, y[i]]) ** 2).sum() for i in range(5)]).mean()
+    torch.testing.assert_close(dce, nll, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, nll + 0.5 * pl, atol=1e-5, rtol=1e-5)
+
+
+def test_authors_pickle_loads_through_the_allow_list(authors_pickle):
+    protos, source = load_prototypes(str(authors_pickle))
+    assert protos.shape == (10, 128) and "authors" in source
+    clf = load_classifier(str(authors_pickle))
+    torch.testing.assert_close(clf.prototypes, protos)
+    feats, logits = clf(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert feats.shape == (2, 128) and logits.shape == (2, 10)
+
+
+def test_a_pickle_with_another_callable_is_refused_unexecuted(tmp_path, tiny_args):
+    bad, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    evil_pickle(bad, marker)
+    with pytest.raises(UserError, match="refused.*system"):
+        load_prototypes(str(bad))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + tiny_args +
+                       ["--mode", "proto_frozen", "--path_proto", str(bad), "--results", str(tmp_path / "res")],
+                       capture_output=True, text=True, env=run_env())
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not marker.exists()
+
+
+def test_proto_frozen_keeps_the_table_and_trains_the_mlp(tmp_path, tiny_args, authors_pickle):
+    protos, _ = load_prototypes(str(authors_pickle))
+    out = tiny_main(tiny_args, ["--mode", "proto_frozen", "--path_proto", str(authors_pickle),
+                                "--results", str(tmp_path)])
+    cemb = out["cemblayer"]
+    assert torch.equal(cemb.condEmbedding[0].weight, protos)
+    assert torch.equal(out["ema"]["cemblayer"].condEmbedding[0].weight, protos)
+    _, init = initial_models()
+    assert not torch.equal(cemb.condEmbedding[1].weight, init.condEmbedding[1].weight)
+    assert "authors' Models.ModifiedResNet pickle" in open(next(tmp_path.rglob("log.txt"))).read()
+
+
+def test_proto_unfrozen_trains_the_table(tmp_path, tiny_args):
+    protos = torch.randn(10, 128)
+    torch.save(protos, tmp_path / "protos.pt")
+    out = tiny_main(tiny_args, ["--mode", "proto_unfrozen", "--path_proto", str(tmp_path / "protos.pt"),
+                                "--results", str(tmp_path)])
+    table = out["cemblayer"].condEmbedding[0].weight
+    assert table.requires_grad and not torch.equal(table, protos)
+    assert (table - protos).abs().max() < 0.1  # moved by optimisation, not replaced
+
+
+@pytest.mark.parametrize("shape", [(9, 128), (10, 64)])
+def test_prototypes_of_the_wrong_shape_are_refused(tmp_path, tiny_args, shape):
+    torch.save(torch.randn(*shape), tmp_path / "p.pt")
+    with pytest.raises(UserError, match=r"10 classes .* x 128"):
+        tiny_main(tiny_args, ["--mode", "proto_frozen", "--path_proto", str(tmp_path / "p.pt"),
+                              "--results", str(tmp_path / "res")])
+
+
+def test_train_classifier_writes_a_weights_only_checkpoint(tmp_path):
+    out = tmp_path / "proto.pt"
+    cmd = [sys.executable, os.path.join(ROOT, "train_classifier.py"), "--dataset", "digits", "--pretrained", "False",
+           "--epoch", "1", "--batchsize", "256", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["prototypes"].shape == (10, 128) and ckpt["classes"] == [str(i) for i in range(10)]
+    torch.testing.assert_close(ckpt["prototypes"], ckpt["classifier"]["dce_loss.centers"].T)
+    assert 0 <= ckpt["test_accuracy"] <= 1
+    protos, source = load_prototypes(str(out))
+    assert torch.equal(protos, ckpt["prototypes"]) and source == "protodiffusion checkpoint"
+    before = out.read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    assert r.returncode == 2 and "already exists" in r.stderr and out.read_bytes() == before
+
+
+def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=str(tmp_path / "hub" / "checkpoints" / "resnet18-")):
+        imagenet_resnet18(download=False)

@@ -1,0 +1,113 @@
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_env
+
+import train
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+                          env=run_env(), timeout=600, **kw)
+
+
+def only_run_dir(results):
+    dirs = glob.glob(os.path.join(results, "*", "*", "*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_one_process_run_writes_config_metrics_grids_and_checkpoints(tmp_path, tiny_args):
+    r = run(tiny_args + ["--epoch", "2", "--interval", "1", "--sample_every", "1", "--results", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.startswith(str(tmp_path / "regular" / "digits"))
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["chmul"] == [1, 2] and cfg["inch"] == 1 and cfg["image_size"] == 8 and cfg["num_classes"] == 10
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    train_rows = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(5, 57, 5))  # 28 steps per epoch, logged every 5
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train_rows)
+    for e in (1, 2):
+        grid = Image.open(os.path.join(run_dir, "samples", f"grid_{e}.png"))
+        assert grid.size == (12, 102)  # 10 classes, one per row, 8x8 images with 2-pixel padding
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    assert torch.load(os.path.join(ckpt_dir, "last_epoch.pt"), weights_only=True) == {"last_epoch": 2}
+    ckpt = torch.load(os.path.join(ckpt_dir, "ckpt_2_checkpoint.pt"), weights_only=True)
+    assert {"net", "cemblayer", "ema", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
+    net, cemb = train.build_models(ckpt["config"])
+    net.load_state_dict(ckpt["ema"]["net"], strict=True)
+    cemb.load_state_dict(ckpt["cemblayer"], strict=True)
+    assert os.path.exists(os.path.join(ckpt_dir, "ckpt_1_checkpoint.pt"))
+    assert "checkpoint ->" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_two_processes_hold_identical_weights(tmp_path, tiny_args):
+    out = tmp_path / "weights"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(out)] + tiny_args + ["--epoch", "2", "--results",
+                                                                                 str(tmp_path / "res")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    for part in ("net", "cemblayer", "ema"):
+        for k in w0[part]:
+            assert torch.equal(w0[part][k], w1[part][k]), (part, k)
+    run_dir = only_run_dir(tmp_path / "res")
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "ckpt_2_checkpoint.pt"), weights_only=True)
+    assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert all(torch.equal(ckpt["net"][k], w0["net"][k]) for k in w0["net"])
+    assert os.path.exists(os.path.join(run_dir, "samples", "grid_2.png"))
+    # 1797 images, 64 per rank x 2 ranks: 14 steps per epoch, 28 in all, logged every 5
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert steps == [5, 10, 15, 20, 25]
+
+
+def test_lr_schedule_warms_up_then_cosine_to_zero():
+    lr, m, epochs = 2e-4, 2.5, 40
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr * m)
+    sched = train.make_lr_schedule(opt, epochs, m)
+    warm = 2
+    for e in range(epochs):
+        expected = lr * (1 + (m - 1) * e / warm) if e < warm else \
+            lr * m * (1 + math.cos(math.pi * (e - warm) / (epochs - warm))) / 2
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), e
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_original_readme_flags_parse_and_fail_clearly_offline(tmp_path):
+    flags = ["--batchsize", "64", "--interval", "1", "--image_size", "32", "--dataset", "cifar10", "--epoch", "1500",
+             "--cdim", "128", "--ddim", "1", "--lr", "2e-4", "--mode", "proto_frozen", "--path_proto", "P"]
+    args = train.build_parser().parse_args(flags)
+    assert args.ddim is True and args.chmul == [1, 2, 4, 4] and args.batchsize == 64
+    r = run(flags + ["--data_root", str(tmp_path), "--download", "False", "--results", str(tmp_path / "res")])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and str(tmp_path / "cifar10") in lines[0], r.stderr
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--modch", "48"], "multiple of 32"),
+    (["--chmul", "1,2,2,2,2"], "halved"),
+    (["--mode", "protos"], "unknown --mode"),
+    (["--mode", "proto_frozen"], "needs --path_proto"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--chmul", "a,b"], "expected integers"),
+    (["--ddim", "maybe"], "expected True/False"),
+])
+def test_bad_flags_get_one_error_line(tmp_path, tiny_args, flags, msg):
+    r = run(tiny_args + flags + ["--epoch", "1", "--results", str(tmp_path)])
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
