@@ -56,10 +56,22 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resize(images, [size, size], antialias=True)
 
 
+def save_png(image_u8: torch.Tensor, path: str) -> None:
+    """Write one uint8 image [C, H, W] (C = 1 or 3) losslessly as PNG."""
+    array = image_u8.cpu().permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def read_png(path: str) -> torch.Tensor:
+    """One PNG as uint8 [C, H, W], keeping its channel count (1 for grayscale)."""
+    with Image.open(path) as img:
+        array = np.array(img)
+    return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1).contiguous()
+
+
 def save_grid(images_u8: torch.Tensor, nrow: int, path: str) -> None:
     """Write a uint8 batch as one PNG grid, `nrow` images per row."""
-    grid = torchvision.utils.make_grid(images_u8.cpu(), nrow=nrow, padding=2, pad_value=0)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_png(torchvision.utils.make_grid(images_u8.cpu(), nrow=nrow, padding=2, pad_value=0), path)
 
 
 def _digits(split: str) -> ImageData:

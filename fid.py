@@ -1,0 +1,135 @@
+"""Frechet distances between generated and real images (SPEC section 8).
+
+Features come from pytorch-fid's InceptionV3 (2048-d pool features, the standard FID) or from the prototype
+classifier's D-d features ("proto-FID", an offline stand-in that is never called FID). Images enter as uint8,
+exactly what the PNGs hold. Only sufficient statistics (count, sum, sum of outer products) travel between
+ranks; the distance itself is pytorch-fid's `calculate_frechet_distance`.
+"""
+import os
+from typing import Callable
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pytorch_fid import inception as pf_inception
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+from datasets import ImageData, to_float
+from runtime import UserError
+
+FEATURES = ("inception", "classifier")
+INCEPTION_FILE = os.path.basename(pf_inception.FID_WEIGHTS_URL)
+
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inception_weights_path() -> str:
+    """Where pytorch-fid looks for (and downloads) its Inception weights: $TORCH_HOME/hub/checkpoints/."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+
+
+def inception_network(weights: str | None, device: torch.device) -> torch.nn.Module:
+    """pytorch-fid's InceptionV3 (pool3 block), from `weights` or the torch hub cache (downloaded when online)."""
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise UserError(f"--inception_weights {weights} does not exist")
+        loader = lambda *a, **k: torch.load(weights, map_location="cpu", weights_only=True)  # noqa: E731
+        with mock.patch.object(pf_inception, "load_state_dict_from_url", loader):
+            net = pf_inception.InceptionV3([3])
+    else:
+        try:
+            net = pf_inception.InceptionV3([3])
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"FID needs pytorch-fid's Inception weights {INCEPTION_FILE} and could not get them "
+                            f"({type(e).__name__}); download {pf_inception.FID_WEIGHTS_URL} into "
+                            f"{os.path.dirname(inception_weights_path())}/ (or pass --inception_weights FILE, or use "
+                            "--fid_features classifier)") from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+def make_extractor(kind: str, device: torch.device, inception_weights: str | None = None,
+                   classifier: torch.nn.Module | None = None) -> tuple[Extractor, int]:
+    """(uint8 images [B, C, H, W] -> features [B, F], F); grayscale is seen as RGB, as PIL's convert does."""
+    if kind == "inception":
+        net = inception_network(inception_weights, device)
+
+        def extract(u8: torch.Tensor) -> torch.Tensor:
+            x = u8.to(device).float() / 255  # what ToTensor gives pytorch-fid for a PNG
+            return net(x.expand(-1, 3, -1, -1))[0].flatten(1)
+        dim = 2048
+    elif kind == "classifier":
+        if classifier is None:
+            raise UserError("--fid_features classifier needs a classifier (--path_proto)")
+        net = classifier.eval().requires_grad_(False).to(device)
+
+        def extract(u8: torch.Tensor) -> torch.Tensor:
+            return net.features(to_float(u8.to(device)))
+        dim = net.reduce_to_hidden.out_features
+    else:
+        raise UserError(f"unknown --fid_features '{kind}' (choose from {', '.join(FEATURES)})")
+    return torch.inference_mode()(extract), dim
+
+
+class FeatureStats:
+    """Running count, sum and sum of outer products of features, in float64, summable across ranks."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, feats: torch.Tensor) -> None:
+        f = feats.double().to(self.sum.device)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of every rank."""
+        if dist.is_initialized():
+            n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
+            for t in (n, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+
+    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance, as np.mean / np.cov(rowvar=False) would give."""
+        if self.n < 2:
+            raise UserError(f"FID needs at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """pytorch-fid's Frechet distance between two Gaussians."""
+    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def dataset_stats(data: ImageData, extract: Extractor, dim: int, device: torch.device, rank: int = 0,
+                  world: int = 1, batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """mu, sigma of a dataset's features; ranks take interleaved batches and sum their statistics."""
+    stats = FeatureStats(dim, device)
+    for i in range(rank * batch, len(data.labels), batch * world):
+        stats.add(extract(data.images[i:i + batch]))
+    stats.all_reduce()
+    return stats.mu_sigma()
+
+
+def load_or_make_reference(path: str, make: Callable[[], tuple[np.ndarray, np.ndarray]],
+                           is_main: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Reference mu, sigma from a pytorch-fid .npz, computed with `make` (all ranks) and saved once if missing."""
+    if os.path.isfile(path):
+        try:
+            with np.load(path) as f:
+                return f["mu"], f["sigma"]
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"reference statistics {path} are unreadable ({e}); delete the file to recompute") from None
+    mu, sigma = make()
+    if is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez_compressed(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+    return mu, sigma

@@ -1,0 +1,268 @@
+"""Sample a trained run (DDPM or DDIM, classifier-free guidance), write PNGs and a class grid, measure FID.
+
+    python sample.py --path RUN --epoch E --ddim True --genum 100 --genbatch 100 --fid True
+    torchrun --standalone --nproc_per_node=gpu sample.py --path RUN --epoch E --ddim True --genum 50000 --fid True
+Image i always starts from noise seeded with `--seed + i` and, for `--label range`, has class i mod clsnum,
+so the PNGs do not depend on `--genbatch` or on the number of processes. Each rank writes its own PNGs;
+only feature statistics travel between ranks. RUN may be a run dir of this code (config.json) or of the
+original code (params.txt).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from datasets import DatasetError, load_dataset, read_png, save_grid, save_png, to_float, to_uint8
+from diffusion import GaussianDiffusion, make_betas
+from fid import FEATURES, FeatureStats, dataset_stats, frechet_distance, load_or_make_reference, make_extractor
+from runtime import UserError, load_file, run_cli, setup_distributed, str2bool, teardown_distributed
+from train import build_models
+
+NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
+
+
+def original_config(path: str, state: dict) -> dict:
+    """A run config from the original code's params.txt (`key: value` lines) and its checkpoint's shapes."""
+    raw = dict(line.rstrip("\n").split(":", 1) for line in open(path) if ":" in line)
+    raw = {k.strip(): v.strip() for k, v in raw.items()}
+    dataset = raw.get("dataset", "cifar10")
+    size = int(raw.get("image_size", -1))
+    return {"inch": int(raw["inch"]), "outch": int(raw["outch"]), "modch": int(raw["modch"]),
+            "chmul": [int(m) for m in re.findall(r"\d+", raw["chmul"])], "numres": int(raw["numres"]),
+            "cdim": int(raw["cdim"]), "useconv": raw.get("useconv", "True") == "True",
+            "droprate": float(raw.get("droprate", 0.1)), "T": int(raw.get("T", 1000)), "schedule": "linear",
+            "v": 1.0, "w": float(raw.get("w", 1.8)), "dataset": dataset,
+            "image_size": size if size > 0 else NATIVE_SIZE.get(dataset, 32),
+            "num_classes": state["cemblayer"]["condEmbedding.0.weight"].shape[0],
+            "tiny_imagenet_path": raw.get("tiny_imagenet_path") if raw.get("tiny_imagenet_path") != "None" else None}
+
+
+def load_run(path: str, epoch: int, weights: str | None) -> tuple[torch.nn.Module, torch.nn.Module, dict, str]:
+    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
+    ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
+    if not os.path.isdir(path):
+        raise UserError(f"--path {path} is not a directory")
+    if not os.path.isfile(ckpt_path):
+        found = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
+                       if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
+        raise UserError(f"no checkpoint for epoch {epoch} in {path}/checkpoints; saved epochs: "
+                        f"{', '.join(map(str, found)) or 'none'}")
+    state = load_file(ckpt_path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        cfg = json.load(open(os.path.join(path, "config.json")))
+    elif os.path.isfile(os.path.join(path, "params.txt")):
+        cfg = original_config(os.path.join(path, "params.txt"), state)
+    else:
+        raise UserError(f"{path} has neither config.json (this code) nor params.txt (the original code)")
+    if weights is None:
+        weights = "ema" if "ema" in state else "raw"
+    if weights == "ema" and "ema" not in state:
+        raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none); use --weights raw")
+    source = state["ema"] if weights == "ema" else state
+    net, cemblayer = build_models(cfg)
+    net.load_state_dict(source["net"])
+    cemblayer.load_state_dict(source["cemblayer"])
+    return net.eval(), cemblayer.eval(), cfg, weights
+
+
+def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
+    """Class of every image: `range` is i mod clsnum (exactly balanced), `random` is uniform from a fixed seed."""
+    if label == "range":
+        return torch.arange(n) % clsnum
+    if label == "random":
+        return torch.randint(clsnum, (n,), generator=torch.Generator().manual_seed(seed))
+    raise UserError(f"unknown --label '{label}' (choose range or random)")
+
+
+def generate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, indices: list[int],
+             labels: torch.Tensor, shape: tuple[int, int, int], seed: int, batch: int, ddim: bool, num_steps: int,
+             eta: float, select: str, w: float, progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (image indices, uint8 images) in batches; image i's noise comes from its own seed `seed + i`."""
+    device = diffusion.device
+    for start in tqdm(range(0, len(indices), batch), disable=not progress, desc="sampling", dynamic_ncols=True):
+        chunk = indices[start:start + batch]
+        gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        with torch.inference_mode():
+            cemb = cemblayer(labels[chunk].to(device))
+        full = (len(chunk),) + tuple(shape)
+        if ddim:
+            x = diffusion.ddim_sample(net, cemb, full, num_steps, eta, select, w, gens)
+        else:
+            x = diffusion.sample(net, cemb, full, w, gens)
+        yield chunk, to_uint8(x)
+
+
+def classifier_for(path: str) -> torch.nn.Module:
+    """The prototype classifier of a file written by train_classifier.py or the authors' best_model.pt."""
+    from prototypes import load_classifier
+    return load_classifier(path)
+
+
+def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | None) -> str:
+    """Cache file of the training set's feature statistics for this (dataset, size, feature extractor)."""
+    tag = features
+    if features == "classifier":
+        tag += "-" + hashlib.sha1(open(path_proto, "rb").read()).hexdigest()[:10]
+    return os.path.join(data_root, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
+
+
+def evaluate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, cfg: dict,
+             labels: torch.Tensor, features: str, classifier: torch.nn.Module | None, ref_stats: str, data_root: str, seed: int,
+             batch: int, ddim: bool, num_steps: int, eta: float, select: str, w: float, rank: int, world: int,
+             inception_weights: str | None = None, out_dir: str | None = None, progress: bool = False) -> dict:
+    """Generate one image per label (this rank's share), optionally write them, and return FID and accuracy."""
+    device = diffusion.device
+    extract, dim = make_extractor(features, device, inception_weights, classifier)
+    shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
+    stats = FeatureStats(dim, device)
+    hits = torch.zeros(2, dtype=torch.float64, device=device)  # correctly classified, classified
+    for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape, seed, batch,
+                              ddim, num_steps, eta, select, w, progress):
+        if out_dir is not None:
+            for i, img in zip(chunk, u8):
+                save_png(img, os.path.join(out_dir, f"{i}.png"))
+        stats.add(extract(u8))
+        if classifier is not None:
+            with torch.inference_mode():
+                _, logits = classifier(to_float(u8.to(device)))
+            hits += torch.tensor([(logits.argmax(1).cpu() == labels[chunk]).sum().item(), len(chunk)],
+                                 dtype=torch.float64, device=device)
+    stats.all_reduce()
+    if world > 1:
+        dist.all_reduce(hits)
+
+    def reference():
+        try:
+            data = load_dataset(cfg["dataset"], "all", data_root, cfg["image_size"], False,
+                                cfg.get("tiny_imagenet_path"))
+        except DatasetError as e:
+            raise UserError(f"reference statistics {ref_stats} are missing and the training set cannot be read: {e}") from None
+        return dataset_stats(data, extract, dim, device, rank, world)
+
+    mu_ref, sigma_ref = load_or_make_reference(ref_stats, reference, rank == 0)
+    mu, sigma = stats.mu_sigma()
+    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": stats.n}
+    if classifier is not None:
+        result["class_accuracy"] = (hits[0] / hits[1]).item()
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    d = setup_distributed(args.device)
+    if args.fid_features not in FEATURES:
+        raise UserError(f"unknown --fid_features '{args.fid_features}' (choose from {', '.join(FEATURES)})")
+    if args.fid_features == "classifier" and not args.path_proto:
+        raise UserError("--fid_features classifier needs --path_proto (a train_classifier.py checkpoint)")
+    if args.weights not in (None, "ema", "raw"):
+        raise UserError(f"unknown --weights '{args.weights}' (choose ema or raw)")
+    if not args.path:
+        raise UserError("--path (a run dir) is required")
+    net, cemblayer, cfg, weights = load_run(args.path, args.epoch, args.weights)
+    net.to(d.device)
+    cemblayer.to(d.device)
+    diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "linear"), cfg["T"]), d.device, v=cfg.get("v", 1.0))
+    if args.ddim and not 2 <= args.num_steps <= diffusion.T:
+        raise UserError(f"--num_steps must be between 2 and T ({diffusion.T}); got {args.num_steps}")
+    w = cfg.get("w", 1.8) if args.w is None else args.w
+    clsnum = args.clsnum or cfg["num_classes"]
+    if not 1 <= clsnum <= cfg["num_classes"]:
+        raise UserError(f"--clsnum must be between 1 and the run's {cfg['num_classes']} classes")
+    n = args.genum if args.fid else args.genbatch
+    if args.label == "range" and n % clsnum:
+        raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
+    out_dir = args.out or os.path.join(args.path, f"samples_{args.epoch}")
+    if d.is_main and os.path.isdir(out_dir) and glob.glob(os.path.join(out_dir, "*.png")):
+        raise UserError(f"{out_dir} already holds PNGs; pass another --out (nothing was overwritten)")
+    if d.world > 1:
+        dist.barrier()  # nobody writes before rank 0 has checked the folder
+    os.makedirs(out_dir, exist_ok=True)
+    classifier = classifier_for(args.path_proto).to(d.device) if args.path_proto else None
+    data_root = args.data_root or cfg.get("data_root", "datasets")
+    ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, args.path_proto)
+    sampler = f"DDIM-{args.num_steps} ({args.select}, eta {args.eta})" if args.ddim else f"DDPM-{diffusion.T}"
+    if d.is_main:
+        print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with {sampler}, w {w}, "
+              f"{d.world} process(es)", flush=True)
+    kw = dict(seed=args.seed, batch=args.genbatch, ddim=args.ddim, num_steps=args.num_steps, eta=args.eta,
+              select=args.select, w=w)
+    labels = image_labels(n, clsnum, args.label, args.seed)
+    if args.fid:
+        result = evaluate(diffusion, net, cemblayer, cfg, labels, args.fid_features, classifier, ref, data_root,
+                          rank=d.rank, world=d.world, inception_weights=args.inception_weights, out_dir=out_dir,
+                          progress=d.is_main, **kw)
+    else:
+        for chunk, u8 in generate(diffusion, net, cemblayer, list(range(d.rank, n, d.world)), labels,
+                                  (cfg["inch"], cfg["image_size"], cfg["image_size"]), progress=d.is_main, **kw):
+            for i, img in zip(chunk, u8):
+                save_png(img, os.path.join(out_dir, f"{i}.png"))
+    if d.world > 1:
+        dist.barrier()  # every rank's PNGs are on disk
+    if d.is_main:
+        per_class = min(10, n // clsnum) if args.label == "range" else 10
+        rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
+        grid_images = [read_png(os.path.join(out_dir, f"{i}.png")) for row in rows for i in row
+                       ] if all(len(r) == per_class for r in rows) else []
+        grid_path = out_dir.rstrip("/") + "_grid.png"
+        if grid_images:
+            save_grid(torch.stack(grid_images), per_class, grid_path)
+            print(f"{n} PNGs -> {out_dir}/, class grid -> {grid_path}", flush=True)
+        if args.fid:
+            name = "FID" if args.fid_features == "inception" else "proto-FID"
+            record = {"event": "fid", "epoch": args.epoch, "metric": name, "value": result["fid"], "n": result["n"],
+                      "sampler": "ddim" if args.ddim else "ddpm", "steps": args.num_steps if args.ddim else diffusion.T,
+                      "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
+                      "weights": weights, "label": args.label, "seed": args.seed, "reference": os.path.abspath(ref),
+                      "features": args.fid_features if args.fid_features == "inception" else
+                      f"classifier {os.path.abspath(args.path_proto)}"}
+            if "class_accuracy" in result:
+                record["class_accuracy"] = result["class_accuracy"]
+            line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
+                                                   if "class_accuracy" in result else "")
+            print(f"{line} ({n} images, {sampler}, w {w}, {weights} weights, reference {ref})", flush=True)
+            with open(os.path.join(args.path, f"fid_{args.epoch}.txt"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            with open(os.path.join(args.path, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+    teardown_distributed()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images from a trained run and measure FID.")
+    p.add_argument("--path", default=None, help="run dir (this code's config.json or the original's params.txt)")
+    p.add_argument("--epoch", type=int, default=1000, help="which saved epoch to load")
+    p.add_argument("--ddim", type=str2bool, default=False, help="DDIM instead of T-step ancestral DDPM")
+    p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--select", default="linear", help="DDIM timestep selection: linear or quadratic")
+    p.add_argument("--w", type=float, default=None, help="guidance strength (default: the run's --w)")
+    p.add_argument("--genum", type=int, default=5600, help="images to generate with --fid True")
+    p.add_argument("--genbatch", type=int, default=80, help="images per forward pass on each device (and the "
+                   "image count without --fid)")
+    p.add_argument("--clsnum", type=int, default=None, help="classes to sample (default: all of the run's)")
+    p.add_argument("--label", default="range", help="range: class i mod clsnum (balanced); random: uniform")
+    p.add_argument("--fid", type=str2bool, default=False, help="generate --genum images and measure FID")
+    p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
+    p.add_argument("--path_proto", default=None, help="prototype classifier checkpoint: proto-FID features and "
+                   "class accuracy")
+    p.add_argument("--ref_stats", default=None, help="reference statistics .npz (pytorch-fid format); computed "
+                   "from the training set and saved there if missing (default DATA_ROOT/fid_stats/...)")
+    p.add_argument("--inception_weights", default=None, help="pytorch-fid Inception weights file (default: "
+                   "$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded when online)")
+    p.add_argument("--data_root", default=None, help="datasets folder for reference statistics (default: the run's)")
+    p.add_argument("--weights", default=None, help="ema or raw (default: ema when the checkpoint has it)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--out", default=None, help="PNG folder (default PATH/samples_EPOCH)")
+    p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
