@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> None:
     clsnum = args.clsnum or cfg["num_classes"]
     if not 1 <= clsnum <= cfg["num_classes"]:
         raise UserError(f"--clsnum must be between 1 and the run's {cfg['num_classes']} classes")
-    n = args.genum if args.fid else args.genbatch
+    n = args.genum
     if args.label == "range" and n % clsnum:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
     out_dir = args.out or os.path.join(args.path, f"samples_{args.epoch}")
@@ -242,12 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--select", default="linear", help="DDIM timestep selection: linear or quadratic")
     p.add_argument("--w", type=float, default=None, help="guidance strength (default: the run's --w)")
-    p.add_argument("--genum", type=int, default=5600, help="images to generate with --fid True")
-    p.add_argument("--genbatch", type=int, default=80, help="images per forward pass on each device (and the "
-                   "image count without --fid)")
+    p.add_argument("--genum", type=int, default=5600, help="images to generate (with or without --fid)")
+    p.add_argument("--genbatch", type=int, default=80, help="images per forward pass on each device")
     p.add_argument("--clsnum", type=int, default=None, help="classes to sample (default: all of the run's)")
     p.add_argument("--label", default="range", help="range: class i mod clsnum (balanced); random: uniform")
-    p.add_argument("--fid", type=str2bool, default=False, help="generate --genum images and measure FID")
+    p.add_argument("--fid", type=str2bool, default=False, help="also measure FID of the generated images")
     p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
     p.add_argument("--path_proto", default=None, help="prototype classifier checkpoint: proto-FID features and "
                    "class accuracy")

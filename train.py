@@ -72,6 +72,10 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1")
     if args.ddim and not 2 <= args.num_steps <= args.T:
         raise UserError(f"--num_steps must be between 2 and --T ({args.T}); got {args.num_steps}")
+    if args.fid_every and args.fid_features == "classifier" and not (args.eval_classifier or args.path_proto):
+        raise UserError("--fid_every with --fid_features classifier needs --eval_classifier (or --path_proto)")
+    if args.fid_every and args.fid_features not in ("inception", "classifier"):
+        raise UserError(f"unknown --fid_features '{args.fid_features}' (choose inception or classifier)")
 
 
 def latest_checkpoint(run_dir: str) -> tuple[str, int]:
@@ -172,6 +176,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         log.line(f"resumed {run_dir} at epoch {start_epoch}")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
+    evaluator = make_evaluator(args, cfg, diffusion, d) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
@@ -216,12 +221,44 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         if d.is_main and ((epoch + 1) % args.sample_every == 0 or last):
             path = sample_grid(diffusion, ema.module, cfg, args, epoch + 1, run_dir, d.device)
             log.line(f"sample grid (EMA weights) -> {path}")
+        if evaluator is not None and ((epoch + 1) % args.fid_every == 0 or last):
+            result = evaluator(ema.module)
+            log.record(event="fid", epoch=epoch + 1, step=(epoch + 1) * len(batches), **result)
+            log.line(f"epoch {epoch + 1}: {result['metric']} {result['value']:.4f}" +
+                     (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
         if (epoch + 1) % args.interval == 0 or last:
             save_checkpoint(run_dir, epoch + 1, models, ema, optimizer, scheduler, cfg, d.world)
             log.line(f"checkpoint -> {run_dir}/checkpoints/ckpt_{epoch + 1}_checkpoint.pt")
 
     teardown_distributed()
     return {"net": net, "cemblayer": cemblayer, "ema": ema.module}
+
+
+def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d):
+    """A function EMA models -> FID record, sampling --fid_num images split across ranks (sample.py's evaluate)."""
+    from sample import evaluate, image_labels, reference_path  # only runs with --fid_every need the metrics code
+
+    path = args.eval_classifier or args.path_proto
+    classifier = None
+    if path:
+        from prototypes import load_classifier
+        classifier = load_classifier(path).to(d.device)
+    ref = reference_path(cfg, args.fid_features, args.data_root, path)
+    labels = image_labels(args.fid_num, cfg["num_classes"], "range", args.seed)
+    steps = args.num_steps if args.ddim else args.T
+
+    def run(models: nn.Module) -> dict:
+        r = evaluate(diffusion, models["net"], models["cemblayer"], cfg, labels, args.fid_features, classifier, ref,
+                     args.data_root, args.seed, args.genbatch, args.ddim, args.num_steps, args.eta, args.select,
+                     args.w, d.rank, d.world)
+        out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
+               "sampler": "ddim" if args.ddim else "ddpm", "steps": steps, "w": args.w, "weights": "ema",
+               "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
+               else f"classifier {os.path.abspath(path)}"}
+        if "class_accuracy" in r:
+            out["class_accuracy"] = r["class_accuracy"]
+        return out
+    return run
 
 
 @torch.no_grad()
@@ -310,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warm-up min(decay, (1+n)/(10+n)))")
     p.add_argument("--log_every", type=int, default=100, help="read and log the loss every this many steps")
     p.add_argument("--sample_every", type=int, default=20, help="save a sample grid every this many epochs (and at the end)")
+    p.add_argument("--fid_every", type=int, default=0, help="measure FID (or proto-FID) of the EMA weights every this "
+                   "many epochs and at the end, into metrics.jsonl (0: never)")
+    p.add_argument("--fid_num", type=int, default=500, help="images per periodic FID (balanced classes, fixed seeds)")
+    p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
+    p.add_argument("--eval_classifier", default=None, help="classifier for proto-FID and class accuracy "
+                   "(default: --path_proto)")
     p.add_argument("--results", default="results", help="runs go to RESULTS/{mode}/{dataset}/{timestamp}")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     return p

@@ -1,0 +1,174 @@
+import glob
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, run_env
+
+import train
+
+SAMPLE = [sys.executable, os.path.join(ROOT, "sample.py")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "2", "--interval", "1", "--results", str(results)]))
+    return glob.glob(str(results / "regular" / "digits" / "*"))[0]
+
+
+@pytest.fixture(scope="module")
+def random_inception_home(tmp_path_factory):
+    """A TORCH_HOME holding random weights in pytorch-fid's Inception layout, so nothing downloads."""
+    from pytorch_fid import inception as pf_inception
+    home = tmp_path_factory.mktemp("torch_home")
+    with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = pf_inception.fid_inception_v3()
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(net.state_dict(), home / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
+    return home
+
+
+def sample(args, env=None, torchrun=False):
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              os.path.join(ROOT, "sample.py")] if torchrun else SAMPLE
+    return subprocess.run(prefix + args, capture_output=True, text=True, env=env or run_env(), timeout=600)
+
+
+def pngs(folder):
+    files = sorted(glob.glob(os.path.join(folder, "*.png")), key=lambda f: int(os.path.basename(f)[:-4]))
+    return [np.array(Image.open(f)) for f in files]
+
+
+def test_images_do_not_depend_on_genbatch_or_process_count(run_dir, tmp_path):
+    common = ["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "4", "--eta", "1.0",
+              "--genum", "20", "--fid", "False", "--seed", "7"]
+    outs = {}
+    for name, extra, tr in [("b20", ["--genbatch", "20"], False), ("b6", ["--genbatch", "6"], False),
+                            ("ddp", ["--genbatch", "4"], True)]:
+        r = sample(common + extra + ["--out", str(tmp_path / name)], torchrun=tr)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[name] = pngs(tmp_path / name)
+    assert len(outs["b20"]) == 20 and outs["b20"][0].shape == (8, 8)  # one-channel digits stay grayscale
+    for name in ("b6", "ddp"):
+        assert all(np.array_equal(a, b) for a, b in zip(outs["b20"], outs[name])), name
+    assert not all(np.array_equal(outs["b20"][0], o) for o in outs["b20"][1:])
+    grid = Image.open(str(tmp_path / "b20") + "_grid.png")
+    assert grid.size == (2 + 2 * 10, 2 + 10 * 10)  # 10 classes in rows, 2 images per class
+
+
+def test_ddim_eta0_is_deterministic_and_refuses_to_overwrite(run_dir, tmp_path):
+    args = ["--path", run_dir, "--epoch", "1", "--ddim", "True", "--num_steps", "3", "--genum", "10"]
+    assert sample(args + ["--out", str(tmp_path / "a")]).returncode == 0
+    assert sample(args + ["--out", str(tmp_path / "b"), "--seed", "0"]).returncode == 0
+    assert all(np.array_equal(x, y) for x, y in zip(pngs(tmp_path / "a"), pngs(tmp_path / "b")))
+    before = [f.stat().st_mtime_ns for f in (tmp_path / "a").iterdir()]
+    r = sample(args + ["--out", str(tmp_path / "a")])
+    assert r.returncode == 2 and "already holds PNGs" in r.stderr
+    assert before == [f.stat().st_mtime_ns for f in (tmp_path / "a").iterdir()]
+
+
+def test_fid_equals_the_pytorch_fid_command_line(run_dir, tmp_path, random_inception_home):
+    env = dict(run_env(), TORCH_HOME=str(random_inception_home))
+    real = tmp_path / "real"
+    real.mkdir()
+    from datasets import load_dataset, save_png
+    data = load_dataset("digits", "all")
+    for i in range(40):
+        save_png(data.images[i], str(real / f"{i}.png"))
+    ref = tmp_path / "ref.npz"
+    cli = [sys.executable, "-m", "pytorch_fid", "--device", "cpu", "--num-workers", "0"]
+    assert subprocess.run(cli + ["--save-stats", str(real), str(ref)], env=env, capture_output=True).returncode == 0
+    out = tmp_path / "gen"
+    r = sample(["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "30",
+                "--genbatch", "15", "--fid", "True", "--ref_stats", str(ref), "--out", str(out)], env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(open(os.path.join(run_dir, "fid_2.txt")).read().splitlines()[-1])
+    r = subprocess.run(cli + ["--batch-size", "7", str(out), str(ref)], env=env, capture_output=True, text=True)
+    expected = float(r.stdout.split("FID:")[-1])
+    assert record["metric"] == "FID" and record["n"] == 30 and record["features"] == "inception"
+    assert record["value"] == pytest.approx(expected, rel=1e-3)
+    assert {"sampler", "steps", "eta", "w", "weights", "reference"} <= set(record)
+    last = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])
+    assert last == record
+
+
+def test_missing_inception_weights_name_the_file_and_folder(run_dir, tmp_path):
+    env = dict(run_env(), TORCH_HOME=str(tmp_path / "empty"))
+    from fid import inception_network
+    with mock.patch.dict(os.environ, env), \
+            mock.patch("pytorch_fid.inception.load_state_dict_from_url", side_effect=OSError("offline")):
+        from runtime import UserError
+        with pytest.raises(UserError, match=r"pt_inception-2015-12-05-6726825d\.pth.*" + str(tmp_path / "empty")):
+            inception_network(None, torch.device("cpu"))
+
+
+def test_proto_fid_with_classifier_features_and_class_accuracy(run_dir, tmp_path):
+    clf = tmp_path / "clf.pt"
+    subprocess.run([sys.executable, os.path.join(ROOT, "train_classifier.py"), "--dataset", "digits", "--pretrained",
+                    "False", "--epoch", "1", "--batchsize", "256", "--out", str(clf)], check=True, env=run_env(),
+                   capture_output=True)
+    r = sample(["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "20",
+                "--genbatch", "20", "--fid", "True", "--fid_features", "classifier", "--path_proto", str(clf),
+                "--data_root", str(tmp_path / "data"), "--out", str(tmp_path / "gen")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "proto-FID" in r.stdout and "class accuracy" in r.stdout
+    stats = glob.glob(str(tmp_path / "data" / "fid_stats" / "digits_8_classifier-*.npz"))
+    assert len(stats) == 1 and np.load(stats[0])["mu"].shape == (128,)
+    record = json.loads(open(os.path.join(run_dir, "fid_2.txt")).read().splitlines()[-1])
+    assert record["metric"] == "proto-FID" and 0 <= record["class_accuracy"] <= 1
+
+
+def test_a_run_dir_of_the_original_code_samples(run_dir, tmp_path):
+    ours = torch.load(os.path.join(run_dir, "checkpoints", "ckpt_2_checkpoint.pt"), weights_only=True)
+    orig = tmp_path / "orig"
+    (orig / "checkpoints").mkdir(parents=True)
+    params = {"batchsize": 64, "inch": 1, "modch": 32, "T": 1000, "outch": 1, "chmul": [1, 2], "numres": 1,
+              "cdim": 128, "useconv": True, "droprate": 0.1, "dtype": torch.float32, "w": 1.8, "v": 0.3,
+              "dataset": "digits", "image_size": -1, "mode": "regular", "path_proto": None}
+    (orig / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
+    torch.save({"net": ours["net"], "cemblayer": ours["cemblayer"], "optimizer": ours["optimizer"],
+                "scheduler": {"warmup": {"multiplier": 2.5}, "afterscheduler": {"T_max": 1500}}},
+               orig / "checkpoints" / "ckpt_2_checkpoint.pt")
+    common = ["--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "10"]
+    r = sample(["--path", str(orig)] + common + ["--out", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "raw weights" in r.stdout
+    r = sample(["--path", run_dir, "--weights", "raw"] + common + ["--out", str(tmp_path / "r")])
+    assert all(np.array_equal(a, b) for a, b in zip(pngs(tmp_path / "o"), pngs(tmp_path / "r")))
+    r = sample(["--path", str(orig), "--weights", "ema"] + common + ["--out", str(tmp_path / "e")])
+    assert r.returncode == 2 and "no EMA weights" in r.stderr
+
+
+def test_a_missing_epoch_lists_the_saved_ones(run_dir):
+    r = sample(["--path", run_dir, "--epoch", "7"])
+    assert r.returncode == 2 and "saved epochs: 1, 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
+    clf = tmp_path / "clf.pt"
+    protos = torch.randn(10, 128)
+    torch.save(protos, clf)
+    from prototypes import PrototypeClassifier, FORMAT
+    model = PrototypeClassifier(10, 128)
+    torch.save({"format": FORMAT, "prototypes": model.prototypes, "classifier": model.state_dict(),
+                "config": {"cdim": 128, "scale": 2.0}, "classes": [str(i) for i in range(10)]}, clf)
+    train.main(train.build_parser().parse_args(TINY + [
+        "--epoch", "2", "--fid_every", "1", "--fid_num", "20", "--fid_features", "classifier", "--eval_classifier",
+        str(clf), "--data_root", str(tmp_path / "data"), "--results", str(tmp_path / "res")]))
+    run = glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))[0]
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    fids = [r for r in rows if r["event"] == "fid"]
+    assert [r["epoch"] for r in fids] == [1, 2] and all(r["metric"] == "proto-FID" and r["n"] == 20 for r in fids)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_fid.py"), run, run, "--out", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, env=run_env())
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "p.png").size[0] > 100
