@@ -77,24 +77,24 @@ def test_ddim_eta0_is_deterministic_and_refuses_to_overwrite(run_dir, tmp_path):
 
 
 def test_fid_equals_the_pytorch_fid_command_line(run_dir, tmp_path, random_inception_home):
-    env = dict(run_env(), TORCH_HOME=str(random_inception_home))
+    env = dict(run_env(), TORCH_HOME=str(random_inception_home), OMP_NUM_THREADS="2")
     real = tmp_path / "real"
     real.mkdir()
     from datasets import load_dataset, save_png
     data = load_dataset("digits", "all")
-    for i in range(40):
+    for i in range(20):
         save_png(data.images[i], str(real / f"{i}.png"))
     ref = tmp_path / "ref.npz"
     cli = [sys.executable, "-m", "pytorch_fid", "--device", "cpu", "--num-workers", "0"]
     assert subprocess.run(cli + ["--save-stats", str(real), str(ref)], env=env, capture_output=True).returncode == 0
     out = tmp_path / "gen"
-    r = sample(["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "30",
-                "--genbatch", "15", "--fid", "True", "--ref_stats", str(ref), "--out", str(out)], env=env)
+    r = sample(["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "10",
+                "--genbatch", "5", "--fid", "True", "--ref_stats", str(ref), "--out", str(out)], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads(open(os.path.join(run_dir, "fid_2.txt")).read().splitlines()[-1])
-    r = subprocess.run(cli + ["--batch-size", "7", str(out), str(ref)], env=env, capture_output=True, text=True)
+    r = subprocess.run(cli + ["--batch-size", "4", str(out), str(ref)], env=env, capture_output=True, text=True)
     expected = float(r.stdout.split("FID:")[-1])
-    assert record["metric"] == "FID" and record["n"] == 30 and record["features"] == "inception"
+    assert record["metric"] == "FID" and record["n"] == 10 and record["features"] == "inception"
     assert record["value"] == pytest.approx(expected, rel=1e-3)
     assert {"sampler", "steps", "eta", "w", "weights", "reference"} <= set(record)
     last = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])
