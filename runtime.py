@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -165,6 +166,32 @@ def load_file(path: str, what: str = "checkpoint") -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {what} {path}: it is truncated, corrupt or not a weights-only torch file "
                         f"({first})") from None
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1 (cluster preemption) so that training can stop at a step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """True on every rank once any rank has received a signal (a collective when world > 1)."""
+        if world == 1:
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class RunLog:

@@ -25,13 +25,14 @@ from datasets import DATASETS, DatasetError, ShardedBatches, class_grid_labels, 
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
 from embedding import ConditionalEmbedding, set_class_table
-from runtime import (RunLog, UserError, broadcast_object, int_list, load_file, new_run_dir, rng_state, run_cli,
-                     save_atomic, seed_everything, set_rng_state, setup_distributed, str2bool, teardown_distributed)
+from runtime import (RunLog, StopSignal, UserError, broadcast_object, int_list, load_file, new_run_dir, rng_state,
+                     run_cli, save_atomic, seed_everything, set_rng_state, setup_distributed, str2bool,
+                     teardown_distributed)
 from unet import Unet, check_unet_config
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
-RUNTIME_FLAGS = ("path_resume", "device", "debug", "numworkers", "local_rank")
+RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
 
 
 def build_models(cfg: dict) -> tuple[Unet, ConditionalEmbedding]:
@@ -70,6 +71,8 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.run_dir and not args.path_resume and os.path.exists(args.run_dir):
+        raise UserError(f"--run_dir {args.run_dir} already exists; pick a new one or continue it with --path_resume")
     if args.ddim and not 2 <= args.num_steps <= args.T:
         raise UserError(f"--num_steps must be between 2 and --T ({args.T}); got {args.num_steps}")
     if args.fid_every and args.fid_features == "classifier" and not (args.eval_classifier or args.path_proto):
@@ -78,11 +81,13 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --fid_features '{args.fid_features}' (choose inception or classifier)")
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, int]:
-    """The newest checkpoint of a run dir (from checkpoints/last_epoch.pt) and its epoch."""
+def latest_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint of a run dir, as named by checkpoints/last_epoch.pt."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    last = load_file(os.path.join(ckpt_dir, "last_epoch.pt"), "resume marker")["last_epoch"]
-    return os.path.join(ckpt_dir, f"ckpt_{last}_checkpoint.pt"), last
+    marker = load_file(os.path.join(ckpt_dir, "last_epoch.pt"), "resume marker")
+    if not isinstance(marker, dict) or "last_epoch" not in marker:
+        raise UserError(f"{ckpt_dir}/last_epoch.pt is not a resume marker")
+    return os.path.join(ckpt_dir, marker.get("file", f"ckpt_{marker['last_epoch']}_checkpoint.pt"))
 
 
 def main(args: argparse.Namespace) -> dict[str, nn.Module]:
@@ -97,8 +102,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         for key, value in saved.items():
             if key not in RUNTIME_FLAGS and key in vars(args):
                 setattr(args, key, value)
-        ckpt_path, _ = latest_checkpoint(args.path_resume)
-        resume = load_file(ckpt_path)
+        resume = load_file(latest_checkpoint(args.path_resume))
     validate(args)
 
     # --- data: decoded once, kept as uint8 on the training device
@@ -122,11 +126,20 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
     cfg.update(inch=data.channels, outch=data.channels, image_size=data.size, num_classes=len(data.classes),
                classes=data.classes, clsnum=clsnum, world_size=d.world, torch=str(torch.__version__))
+    protos = None
+    if args.mode != "regular" and resume is None:  # checked before anything is written
+        from prototypes import load_prototypes  # only the proto modes need the classifier code
+        protos, source = load_prototypes(args.path_proto)
+        if tuple(protos.shape) != (cfg["num_classes"], args.cdim):
+            raise UserError(f"prototypes in {args.path_proto} are {protos.shape[0]} x {protos.shape[1]} and do not fit "
+                            f"this run, which needs {cfg['num_classes']} classes (--dataset {args.dataset}) x "
+                            f"{args.cdim} (--cdim)")
     images, labels = data.images.to(d.device), data.labels.to(d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
 
     # --- run dir: rank 0 creates it and tells the others
-    run_dir = args.path_resume or broadcast_object(new_run_dir(args.results, args.mode, args.dataset) if d.is_main else None)
+    run_dir = args.path_resume or args.run_dir or broadcast_object(
+        new_run_dir(args.results, args.mode, args.dataset) if d.is_main else None)
     log = RunLog(run_dir, d.is_main)
     if d.is_main:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -138,14 +151,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     # --- model, class table and EMA: the same init on every rank (DDP also broadcasts rank 0's weights)
     seed_everything(args.seed)
     net, cemblayer = build_models(cfg)
-    if args.mode != "regular" and resume is None:
-        from prototypes import load_prototypes  # only the proto modes need the classifier code
-        protos, source = load_prototypes(args.path_proto)
-        try:
-            set_class_table(cemblayer, protos, trainable=args.mode == "proto_unfrozen")
-        except ValueError as e:
-            raise UserError(f"prototypes in {args.path_proto} do not fit this run: {e}; the run needs "
-                            f"{cfg['num_classes']} classes (--dataset {args.dataset}) x {args.cdim} (--cdim)") from None
+    if protos is not None:
+        set_class_table(cemblayer, protos, trainable=args.mode == "proto_unfrozen")
         log.line(f"loaded prototypes from {args.path_proto}: {protos.shape[0]} x {protos.shape[1]} ({source}), "
                  f"table {'frozen' if args.mode == 'proto_frozen' else 'trained'}")
     elif args.mode == "proto_frozen":
@@ -162,7 +169,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                                   weight_decay=args.weight_decay)
     scheduler = make_lr_schedule(optimizer, args.epoch, args.multiplier)
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
-    start_epoch = 0
+    start_epoch, skip = 0, 0
     if resume is not None:
         net.load_state_dict(resume["net"])
         cemblayer.load_state_dict(resume["cemblayer"])
@@ -171,9 +178,9 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         ema.updates = resume["ema"]["updates"]
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        start_epoch = resume["epoch"]
+        start_epoch, skip = resume["epoch"], resume["step"]
         set_rng_state(resume["rng"][d.rank])
-        log.line(f"resumed {run_dir} at epoch {start_epoch}")
+        log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
     evaluator = make_evaluator(args, cfg, diffusion, d) if args.fid_every else None
@@ -182,12 +189,17 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
 
     # --- training loop
+    stop = StopSignal()
+    first_bad = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with a non-finite loss
+    step = start_epoch * len(batches) + skip
+    checkpoint = lambda epoch, done: save_checkpoint(run_dir, epoch, done, len(batches), models, ema, optimizer,
+                                                     scheduler, cfg, d.world, args.keep_last)  # noqa: E731
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is drop_condition below
         t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
-        bar = tqdm(batches.epoch(epoch), desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
-                   dynamic_ncols=True, leave=False)
-        for i, idx in enumerate(bar):
+        bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
+                   initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
+        for i, idx in enumerate(bar, start=skip):
             idx = idx.to(d.device)
             x0 = to_float(images[idx])
             cemb = drop_condition(cemb_ddp(labels[idx]), args.threshold)
@@ -196,26 +208,38 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             loss.backward()
             optimizer.step()
             ema.update(models)
-            loss_sum += loss.detach()
+            step += 1
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss
             n_sum += 1
-            step = epoch * len(batches) + i + 1
             if step % args.log_every == 0:
+                check_finite(first_bad, len(batches))  # reading the device is the sync point of the loop
                 mean_loss = loss_sum / n_sum
                 if d.world > 1:
                     dist.all_reduce(mean_loss)
                     mean_loss /= d.world
-                mean_loss = mean_loss.item()  # the one host sync every log_every steps
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"loss is {mean_loss} at step {step} (epoch {epoch + 1}); stopping, the last "
-                                    "checkpoint on disk is the last good one")
+                mean_loss = mean_loss.item()
                 rate = n_sum * args.batchsize * d.world / (time.time() - t0)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
+            if stop.agreed(d.world, d.device) or step == args.max_steps:
+                bar.close()
+                check_finite(first_bad, len(batches))
+                path = checkpoint(epoch, i + 1)
+                why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
+                    else f"--max_steps {args.max_steps}"
+                log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {path}; resume with: "
+                         f"python train.py --path_resume {run_dir}")
+                stop.restore()
+                teardown_distributed()
+                return {"net": net, "cemblayer": cemblayer, "ema": ema.module}
         bar.close()
-        log.line(f"epoch {epoch + 1}/{args.epoch} done, step {(epoch + 1) * len(batches)}, "
-                 f"lr {optimizer.param_groups[0]['lr']:.3g}")
+        skip = 0
+        check_finite(first_bad, len(batches))
+        log.line(f"epoch {epoch + 1}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")
         scheduler.step()
         last = epoch + 1 == args.epoch
         if d.is_main and ((epoch + 1) % args.sample_every == 0 or last):
@@ -223,15 +247,23 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             log.line(f"sample grid (EMA weights) -> {path}")
         if evaluator is not None and ((epoch + 1) % args.fid_every == 0 or last):
             result = evaluator(ema.module)
-            log.record(event="fid", epoch=epoch + 1, step=(epoch + 1) * len(batches), **result)
+            log.record(event="fid", epoch=epoch + 1, step=step, **result)
             log.line(f"epoch {epoch + 1}: {result['metric']} {result['value']:.4f}" +
                      (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
         if (epoch + 1) % args.interval == 0 or last:
-            save_checkpoint(run_dir, epoch + 1, models, ema, optimizer, scheduler, cfg, d.world)
-            log.line(f"checkpoint -> {run_dir}/checkpoints/ckpt_{epoch + 1}_checkpoint.pt")
+            log.line(f"checkpoint -> {checkpoint(epoch + 1, 0)}")
 
+    stop.restore()
     teardown_distributed()
     return {"net": net, "cemblayer": cemblayer, "ema": ema.module}
+
+
+def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
+    """Stop with one clear line if any step so far had a NaN or infinite loss (nothing more is saved)."""
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
+                        "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
 
 
 def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d):
@@ -279,24 +311,43 @@ def sample_grid(diffusion: GaussianDiffusion, models: nn.Module, cfg: dict, args
     return path
 
 
-def save_checkpoint(run_dir: str, epoch: int, models: nn.ModuleDict, ema: EMA, optimizer: torch.optim.Optimizer,
-                    scheduler, cfg: dict, world: int) -> None:
-    """Every rank hands in its RNG state; rank 0 writes ckpt_{epoch}_checkpoint.pt, then last_epoch.pt."""
+def save_checkpoint(run_dir: str, epoch: int, step: int, steps_per_epoch: int, models: nn.ModuleDict, ema: EMA,
+                    optimizer: torch.optim.Optimizer, scheduler, cfg: dict, world: int, keep_last: int) -> str:
+    """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
+
+    Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
+    last_epoch.pt names the newest and is replaced only after it is safely on disk. Every rank hands in its
+    RNG state, so a resumed run continues bit for bit.
+    """
     states = [None] * world
     if world > 1:
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
+    global_step = epoch * steps_per_epoch + step
+    name = f"ckpt_{epoch}_checkpoint.pt" if step == 0 else f"step_{global_step}_checkpoint.pt"
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     if int(os.environ.get("RANK", 0)) != 0:
-        return
+        return os.path.join(ckpt_dir, name)
     ckpt = {"net": models["net"].state_dict(), "cemblayer": models["cemblayer"].state_dict(),
             "ema": {"net": ema.module["net"].state_dict(), "cemblayer": ema.module["cemblayer"].state_dict(),
                     "updates": ema.updates},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": 0,
-            "rng": states, "config": cfg}
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    save_atomic(ckpt, os.path.join(ckpt_dir, f"ckpt_{epoch}_checkpoint.pt"))
-    save_atomic({"last_epoch": epoch}, os.path.join(ckpt_dir, "last_epoch.pt"))
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+            "global_step": global_step, "rng": states, "config": cfg}
+    try:
+        save_atomic(ckpt, os.path.join(ckpt_dir, name))
+        save_atomic({"last_epoch": epoch, "file": name}, os.path.join(ckpt_dir, "last_epoch.pt"))
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {os.path.join(ckpt_dir, name)} ({e.strerror or e}); the "
+                        "checkpoints already on disk are unchanged") from None
+    if keep_last > 0:
+        def global_step_of(f: str) -> int:
+            kind, number = f.split("_")[:2]
+            return int(number) * steps_per_epoch if kind == "ckpt" else int(number)
+        saved = sorted((f for f in os.listdir(ckpt_dir) if f.endswith("_checkpoint.pt")), key=global_step_of)
+        for old in saved[:-keep_last]:
+            os.remove(os.path.join(ckpt_dir, old))
+    return os.path.join(ckpt_dir, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "of class folders itself)")
     p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
     p.add_argument("--tiny_imagenet_path", default=None, help="tiny-imagenet-200 folder (default DATA_ROOT/tiny-imagenet-200)")
-    p.add_argument("--path_resume", default=None, help="run dir to continue from its newest checkpoint")
+    p.add_argument("--path_resume", default=None, help="run dir to continue, bit for bit, from its newest checkpoint")
+    p.add_argument("--run_dir", default=None, help="run dir to create (default RESULTS/{mode}/{dataset}/{timestamp}); "
+                   "must not exist yet")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all, with a checkpoint "
+                   "to resume from (0: run all epochs)")
+    p.add_argument("--keep_last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     p.add_argument("--mode", default="regular", help=f"class table: {' / '.join(MODES)}")
     p.add_argument("--path_proto", default=None, help="prototype file for the proto modes")
     p.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed x world + r for noise)")

@@ -40,7 +40,7 @@ def test_one_process_run_writes_config_metrics_grids_and_checkpoints(tmp_path, t
         grid = Image.open(os.path.join(run_dir, "samples", f"grid_{e}.png"))
         assert grid.size == (12, 102)  # 10 classes, one per row, 8x8 images with 2-pixel padding
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    assert torch.load(os.path.join(ckpt_dir, "last_epoch.pt"), weights_only=True) == {"last_epoch": 2}
+    assert torch.load(os.path.join(ckpt_dir, "last_epoch.pt"), weights_only=True) == {"last_epoch": 2, "file": "ckpt_2_checkpoint.pt"}
     ckpt = torch.load(os.path.join(ckpt_dir, "ckpt_2_checkpoint.pt"), weights_only=True)
     assert {"net", "cemblayer", "ema", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
     net, cemb = train.build_models(ckpt["config"])
