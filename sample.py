@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import nullcontext
 from typing import Iterator
 
 import torch
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from datasets import DatasetError, load_dataset, read_png, save_grid, save_png, to_float, to_uint8
 from diffusion import GaussianDiffusion, make_betas
 from fid import FEATURES, FeatureStats, dataset_stats, frechet_distance, load_or_make_reference, make_extractor
-from runtime import UserError, load_file, run_cli, setup_distributed, str2bool, teardown_distributed
+from runtime import (FastPath, UserError, load_file, resolve_fast_path, run_cli, setup_distributed, str2bool,
+                     teardown_distributed)
 from train import build_models
 
 NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
@@ -83,19 +85,22 @@ def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
 
 def generate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, indices: list[int],
              labels: torch.Tensor, shape: tuple[int, int, int], seed: int, batch: int, ddim: bool, num_steps: int,
-             eta: float, select: str, w: float, progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+             eta: float, select: str, w: float, progress: bool = False,
+             fast: FastPath | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (image indices, uint8 images) in batches; image i's noise comes from its own seed `seed + i`."""
     device = diffusion.device
+    precision = fast.autocast(device) if fast is not None else nullcontext()
     for start in tqdm(range(0, len(indices), batch), disable=not progress, desc="sampling", dynamic_ncols=True):
         chunk = indices[start:start + batch]
         gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
         with torch.inference_mode():
             cemb = cemblayer(labels[chunk].to(device))
         full = (len(chunk),) + tuple(shape)
-        if ddim:
-            x = diffusion.ddim_sample(net, cemb, full, num_steps, eta, select, w, gens)
-        else:
-            x = diffusion.sample(net, cemb, full, w, gens)
+        with precision:
+            if ddim:
+                x = diffusion.ddim_sample(net, cemb, full, num_steps, eta, select, w, gens)
+            else:
+                x = diffusion.sample(net, cemb, full, w, gens)
         yield chunk, to_uint8(x)
 
 
@@ -116,7 +121,8 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
 def evaluate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, cfg: dict,
              labels: torch.Tensor, features: str, classifier: torch.nn.Module | None, ref_stats: str, data_root: str, seed: int,
              batch: int, ddim: bool, num_steps: int, eta: float, select: str, w: float, rank: int, world: int,
-             inception_weights: str | None = None, out_dir: str | None = None, progress: bool = False) -> dict:
+             inception_weights: str | None = None, out_dir: str | None = None, progress: bool = False,
+             fast: FastPath | None = None) -> dict:
     """Generate one image per label (this rank's share), optionally write them, and return FID and accuracy."""
     device = diffusion.device
     extract, dim = make_extractor(features, device, inception_weights, classifier)
@@ -124,7 +130,7 @@ def evaluate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torc
     stats = FeatureStats(dim, device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # correctly classified, classified
     for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape, seed, batch,
-                              ddim, num_steps, eta, select, w, progress):
+                              ddim, num_steps, eta, select, w, progress, fast):
         if out_dir is not None:
             for i, img in zip(chunk, u8):
                 save_png(img, os.path.join(out_dir, f"{i}.png"))
@@ -165,7 +171,8 @@ def main(args: argparse.Namespace) -> None:
     if not args.path:
         raise UserError("--path (a run dir) is required")
     net, cemblayer, cfg, weights = load_run(args.path, args.epoch, args.weights)
-    net.to(d.device)
+    fast = resolve_fast_path(args.amp, "False", args.channels_last, d.device)
+    net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
     diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "linear"), cfg["T"]), d.device, v=cfg.get("v", 1.0))
     if args.ddim and not 2 <= args.num_steps <= diffusion.T:
@@ -191,7 +198,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with {sampler}, w {w}, "
               f"{d.world} process(es)", flush=True)
     kw = dict(seed=args.seed, batch=args.genbatch, ddim=args.ddim, num_steps=args.num_steps, eta=args.eta,
-              select=args.select, w=w)
+              select=args.select, w=w, fast=fast)
     labels = image_labels(n, clsnum, args.label, args.seed)
     if args.fid:
         result = evaluate(diffusion, net, cemblayer, cfg, labels, args.fid_features, classifier, ref, data_root,
@@ -259,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default=None, help="PNG folder (default PATH/samples_EPOCH)")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
+    p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
+                   "CUDA, none on CPU); features for FID are always computed in fp32")
+    p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     return p
 

@@ -25,9 +25,9 @@ from datasets import DATASETS, DatasetError, ShardedBatches, class_grid_labels, 
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
 from embedding import ConditionalEmbedding, set_class_table
-from runtime import (RunLog, StopSignal, UserError, broadcast_object, int_list, load_file, new_run_dir, rng_state,
-                     run_cli, save_atomic, seed_everything, set_rng_state, setup_distributed, str2bool,
-                     teardown_distributed)
+from runtime import (RunLog, StopSignal, UserError, adamw, broadcast_object, int_list, load_file, new_run_dir,
+                     resolve_fast_path, rng_state, run_cli, save_atomic, seed_everything, set_rng_state,
+                     setup_distributed, str2bool, teardown_distributed)
 from unet import Unet, check_unet_config
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen")
@@ -104,6 +104,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                 setattr(args, key, value)
         resume = load_file(latest_checkpoint(args.path_resume))
     validate(args)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device)
 
     # --- data: decoded once, kept as uint8 on the training device
     try:
@@ -134,7 +135,10 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             raise UserError(f"prototypes in {args.path_proto} are {protos.shape[0]} x {protos.shape[1]} and do not fit "
                             f"this run, which needs {cfg['num_classes']} classes (--dataset {args.dataset}) x "
                             f"{args.cdim} (--cdim)")
-    images, labels = data.images.to(d.device), data.labels.to(d.device)
+    # the uint8 images live on the GPU when they take under a quarter of its free memory
+    on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
+    images = data.images.to(d.device) if on_device else data.images.pin_memory()
+    labels = data.labels.to(d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
 
     # --- run dir: rank 0 creates it and tells the others
@@ -157,16 +161,16 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                  f"table {'frozen' if args.mode == 'proto_frozen' else 'trained'}")
     elif args.mode == "proto_frozen":
         cemblayer.table.requires_grad_(False)
-    net.to(d.device)
+    net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
     models = nn.ModuleDict({"net": net, "cemblayer": cemblayer})
     ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 else (lambda m: m)
-    net_ddp, cemb_ddp = ddp(net), ddp(cemblayer)
+    net_ddp, cemb_ddp = ddp(torch.compile(net) if fast.compile else net), ddp(cemblayer)  # compile before DDP
     ema = EMA(models, args.ema_decay)
 
     # --- optimizer and schedule: AdamW at the warm-up's peak, scaled per epoch by the schedule
-    optimizer = torch.optim.AdamW([p for p in models.parameters() if p.requires_grad], lr=args.lr * args.multiplier,
-                                  weight_decay=args.weight_decay)
+    optimizer = adamw([p for p in models.parameters() if p.requires_grad], args.lr * args.multiplier, args.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16)  # fp16 only; bf16 needs none
     scheduler = make_lr_schedule(optimizer, args.epoch, args.multiplier)
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
     start_epoch, skip = 0, 0
@@ -177,13 +181,14 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         ema.module["cemblayer"].load_state_dict(resume["ema"]["cemblayer"])
         ema.updates = resume["ema"]["updates"]
         optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, skip = resume["epoch"], resume["step"]
         set_rng_state(resume["rng"][d.rank])
         log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
-    evaluator = make_evaluator(args, cfg, diffusion, d) if args.fid_every else None
+    evaluator = make_evaluator(args, cfg, diffusion, d, fast) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
@@ -193,20 +198,23 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     first_bad = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with a non-finite loss
     step = start_epoch * len(batches) + skip
     checkpoint = lambda epoch, done: save_checkpoint(run_dir, epoch, done, len(batches), models, ema, optimizer,
-                                                     scheduler, cfg, d.world, args.keep_last)  # noqa: E731
+                                                     scheduler, scaler, cfg, d.world, args.keep_last)  # noqa: E731
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is drop_condition below
         t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
         bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i, idx in enumerate(bar, start=skip):
-            idx = idx.to(d.device)
-            x0 = to_float(images[idx])
-            cemb = drop_condition(cemb_ddp(labels[idx]), args.threshold)
-            loss = diffusion.train_loss(net_ddp, x0, cemb)
+            x0 = to_float(images[idx.to(images.device)].to(d.device, non_blocking=True))
+            if fast.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with fast.autocast(d.device):
+                cemb = drop_condition(cemb_ddp(labels[idx.to(d.device)]), args.threshold)
+                loss = diffusion.train_loss(net_ddp, x0, cemb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             ema.update(models)
             step += 1
             loss = loss.detach()
@@ -243,7 +251,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         scheduler.step()
         last = epoch + 1 == args.epoch
         if d.is_main and ((epoch + 1) % args.sample_every == 0 or last):
-            path = sample_grid(diffusion, ema.module, cfg, args, epoch + 1, run_dir, d.device)
+            with fast.autocast(d.device):
+                path = sample_grid(diffusion, ema.module, cfg, args, epoch + 1, run_dir, d.device)
             log.line(f"sample grid (EMA weights) -> {path}")
         if evaluator is not None and ((epoch + 1) % args.fid_every == 0 or last):
             result = evaluator(ema.module)
@@ -266,7 +275,7 @@ def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
                         "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
 
 
-def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d):
+def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d, fast):
     """A function EMA models -> FID record, sampling --fid_num images split across ranks (sample.py's evaluate)."""
     from sample import evaluate, image_labels, reference_path  # only runs with --fid_every need the metrics code
 
@@ -282,7 +291,7 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
     def run(models: nn.Module) -> dict:
         r = evaluate(diffusion, models["net"], models["cemblayer"], cfg, labels, args.fid_features, classifier, ref,
                      args.data_root, args.seed, args.genbatch, args.ddim, args.num_steps, args.eta, args.select,
-                     args.w, d.rank, d.world)
+                     args.w, d.rank, d.world, fast=fast)
         out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
                "sampler": "ddim" if args.ddim else "ddpm", "steps": steps, "w": args.w, "weights": "ema",
                "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
@@ -312,7 +321,8 @@ def sample_grid(diffusion: GaussianDiffusion, models: nn.Module, cfg: dict, args
 
 
 def save_checkpoint(run_dir: str, epoch: int, step: int, steps_per_epoch: int, models: nn.ModuleDict, ema: EMA,
-                    optimizer: torch.optim.Optimizer, scheduler, cfg: dict, world: int, keep_last: int) -> str:
+                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler, cfg: dict, world: int,
+                    keep_last: int) -> str:
     """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
 
     Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
@@ -332,7 +342,8 @@ def save_checkpoint(run_dir: str, epoch: int, step: int, steps_per_epoch: int, m
     ckpt = {"net": models["net"].state_dict(), "cemblayer": models["cemblayer"].state_dict(),
             "ema": {"net": ema.module["net"].state_dict(), "cemblayer": ema.module["cemblayer"].state_dict(),
                     "updates": ema.updates},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step,
             "global_step": global_step, "rng": states, "config": cfg}
     try:
         save_atomic(ckpt, os.path.join(ckpt_dir, name))
@@ -410,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_classifier", default=None, help="classifier for proto-FID and class accuracy "
                    "(default: --path_proto)")
     p.add_argument("--results", default="results", help="runs go to RESULTS/{mode}/{dataset}/{timestamp}")
+    p.add_argument("--amp", default="auto", help="autocast dtype: bf16, fp16 (with a GradScaler) or none; auto is "
+                   "bf16 on CUDA and none on CPU")
+    p.add_argument("--compile", default="auto", help="torch.compile the UNet (True/False; auto: on CUDA only)")
+    p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     return p
 

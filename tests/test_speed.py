@@ -1,0 +1,71 @@
+"""The optimised path computes what the straightforward one does; compiled runs save plain checkpoints."""
+import functools
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import TINY
+
+import train
+from diffusion import GaussianDiffusion, linear_betas
+from runtime import adamw, resolve_fast_path
+from unet import Unet
+
+
+def losses(channels_last: bool, fused: bool, amp: torch.dtype | None, steps: int = 3):
+    torch.manual_seed(0)
+    net = Unet(3, 32, 3, (1, 2), 1, 16)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    params = list(net.parameters())
+    opt = adamw(params, 1e-3, 1e-4) if fused else torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    diff = GaussianDiffusion(linear_betas(1000))
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.randn(8, 16, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = []
+    for i in range(steps):
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            net.train(False)  # dropout off, so only the path differs
+            loss = diff.train_loss(net, x, c, generator=torch.Generator().manual_seed(10 + i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out, [p.detach().clone() for p in net.parameters()]
+
+
+def test_fp32_optimised_cpu_path_matches_eager():
+    ref, ref_params = losses(False, False, None)
+    fast, fast_params = losses(True, True, None)
+    assert fast == pytest.approx(ref, rel=1e-5)  # stated tolerance: 1e-5 relative on the loss, fp32
+    for a, b in zip(ref_params, fast_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # Adam amplifies ~1e-7 grad noise near 0 to <lr/10
+
+
+def test_bf16_autocast_loss_stays_close():
+    ref, _ = losses(False, False, None, steps=1)
+    bf16, _ = losses(True, True, torch.bfloat16, steps=1)
+    assert bf16[0] == pytest.approx(ref[0], rel=2e-2)  # stated tolerance: 2% relative, bf16 rounding
+
+
+def test_fast_path_defaults_per_device():
+    cpu = resolve_fast_path("auto", "auto", "auto", torch.device("cpu"))
+    assert cpu.amp is None and cpu.compile is False and cpu.channels_last is True
+    assert resolve_fast_path("fp16", "True", "False", torch.device("cpu")).amp == torch.float16
+
+
+def test_a_compiled_run_saves_plain_weights(tmp_path, monkeypatch):
+    # the eager backend wraps the module exactly as inductor does (the `_orig_mod.` prefix) without minutes of codegen
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    run = tmp_path / "run"
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True", "--run_dir", str(run)]))
+    ckpt = torch.load(glob.glob(os.path.join(run, "checkpoints", "ckpt_1_checkpoint.pt"))[0], weights_only=True)
+    assert not [k for k in ckpt["net"] if k.startswith(("_orig_mod.", "module."))]
+    net, cemb = train.build_models(ckpt["config"])
+    net.load_state_dict(ckpt["net"], strict=True)
+    net.load_state_dict(ckpt["ema"]["net"], strict=True)
+    cemb.load_state_dict(ckpt["cemblayer"], strict=True)
