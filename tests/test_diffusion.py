@@ -29,7 +29,8 @@ class Oracle(torch.nn.Module):
 
     def forward(self, x, t, cemb):
         a = self.abar[t].float().view(-1, 1, 1, 1)
-        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)  # CFG may stack both halves into one batch
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 def test_linear_betas_scale_with_T():
