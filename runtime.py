@@ -63,6 +63,7 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    control: Any = None  # a gloo group for CPU-side flags (None: the default group, already gloo on CPU)
 
     @property
     def is_main(self) -> bool:
@@ -85,9 +86,12 @@ def setup_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cpu")
     else:
         raise UserError(f"unknown --device '{device}' (choose auto, cuda or cpu)")
+    control = None
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
+        if dev.type == "cuda":
+            control = dist.new_group(backend="gloo")  # stop flags travel without a GPU sync
+    return Dist(rank, world, local_rank, dev, control)
 
 
 def teardown_distributed() -> None:
@@ -227,12 +231,12 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, world: int, device: torch.device) -> bool:
-        """True on every rank once any rank has received a signal (a collective when world > 1)."""
+    def agreed(self, world: int, group: Any = None) -> bool:
+        """True on every rank once any rank has received a signal (a CPU all-reduce when world > 1)."""
         if world == 1:
             return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return flag.item() > 0
 
     def restore(self) -> None:

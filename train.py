@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
-            if stop.agreed(d.world, d.device) or step == args.max_steps:
+            if stop.agreed(d.world, d.control) or step == args.max_steps:
                 bar.close()
                 check_finite(first_bad, len(batches))
                 path = checkpoint(epoch, i + 1)
