@@ -184,7 +184,12 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         scaler.load_state_dict(resume["scaler"])
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, skip = resume["epoch"], resume["step"]
-        set_rng_state(resume["rng"][d.rank])
+        if len(resume["rng"]) == d.world:
+            set_rng_state(resume["rng"][d.rank])
+        else:  # the data shards differ too, so the continuation is sound but not bit-identical
+            seed_everything((args.seed + 1 + start_epoch) * d.world + d.rank)
+            log.line(f"the checkpoint was written by {len(resume['rng'])} process(es), this run has {d.world}: "
+                     "continuing with fresh per-rank seeds (not bit-identical to an uninterrupted run)")
         log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
