@@ -33,3 +33,17 @@ def set_class_table(cemb: ConditionalEmbedding, rows: torch.Tensor, trainable: b
     with torch.no_grad():
         table.copy_(rows.to(table.dtype))
     table.requires_grad_(trainable)
+
+
+def rows_with_norms_of(protos: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random N(0, 1) directions rescaled to the prototypes' row norms: the same scale, no class structure."""
+    rows = torch.randn(protos.shape, generator=torch.Generator().manual_seed(seed), dtype=protos.dtype)
+    return rows / rows.norm(dim=1, keepdim=True) * protos.norm(dim=1, keepdim=True)
+
+
+def shuffled_rows(protos: torch.Tensor, seed: int) -> torch.Tensor:
+    """The prototypes with class rows permuted so that no class keeps its own (a random cyclic derangement)."""
+    order = torch.randperm(len(protos), generator=torch.Generator().manual_seed(seed))
+    target = torch.empty_like(order)
+    target[order] = order.roll(-1)  # class order[i] gets the prototype of class order[i + 1]
+    return protos[target]

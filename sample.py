@@ -164,8 +164,10 @@ def main(args: argparse.Namespace) -> None:
     d = setup_distributed(args.device)
     if args.fid_features not in FEATURES:
         raise UserError(f"unknown --fid_features '{args.fid_features}' (choose from {', '.join(FEATURES)})")
-    if args.fid_features == "classifier" and not args.path_proto:
-        raise UserError("--fid_features classifier needs --path_proto (a train_classifier.py checkpoint)")
+    clf_path = args.eval_classifier or args.path_proto
+    if args.fid_features == "classifier" and not clf_path:
+        raise UserError("--fid_features classifier needs --path_proto or --eval_classifier (a train_classifier.py "
+                        "checkpoint)")
     if args.weights not in (None, "ema", "raw"):
         raise UserError(f"unknown --weights '{args.weights}' (choose ema or raw)")
     if not args.path:
@@ -190,9 +192,9 @@ def main(args: argparse.Namespace) -> None:
     if d.world > 1:
         dist.barrier()  # nobody writes before rank 0 has checked the folder
     os.makedirs(out_dir, exist_ok=True)
-    classifier = classifier_for(args.path_proto).to(d.device) if args.path_proto else None
+    classifier = classifier_for(clf_path).to(d.device) if clf_path else None
     data_root = args.data_root or cfg.get("data_root", "datasets")
-    ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, args.path_proto)
+    ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
     sampler = f"DDIM-{args.num_steps} ({args.select}, eta {args.eta})" if args.ddim else f"DDPM-{diffusion.T}"
     if d.is_main:
         print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with {sampler}, w {w}, "
@@ -227,7 +229,7 @@ def main(args: argparse.Namespace) -> None:
                       "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
                       "weights": weights, "label": args.label, "seed": args.seed, "reference": os.path.abspath(ref),
                       "features": args.fid_features if args.fid_features == "inception" else
-                      f"classifier {os.path.abspath(args.path_proto)}"}
+                      f"classifier {os.path.abspath(clf_path)}"}
             if "class_accuracy" in result:
                 record["class_accuracy"] = result["class_accuracy"]
             line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
     p.add_argument("--path_proto", default=None, help="prototype classifier checkpoint: proto-FID features and "
                    "class accuracy")
+    p.add_argument("--eval_classifier", default=None, help="classifier for proto-FID and class accuracy, e.g. one "
+                   "trained with another seed than the one that supplied the prototypes (overrides --path_proto)")
     p.add_argument("--ref_stats", default=None, help="reference statistics .npz (pytorch-fid format); computed "
                    "from the training set and saved there if missing (default DATA_ROOT/fid_stats/...)")
     p.add_argument("--inception_weights", default=None, help="pytorch-fid Inception weights file (default: "

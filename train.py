@@ -24,13 +24,16 @@ from tqdm import tqdm
 from datasets import DATASETS, DatasetError, ShardedBatches, class_grid_labels, load_dataset, save_grid, to_float, to_uint8
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
-from embedding import ConditionalEmbedding, set_class_table
+from embedding import ConditionalEmbedding, rows_with_norms_of, set_class_table, shuffled_rows
 from runtime import (RunLog, StopSignal, UserError, adamw, broadcast_object, int_list, load_file, new_run_dir,
                      resolve_fast_path, rng_state, run_cli, save_atomic, seed_everything, set_rng_state,
                      setup_distributed, str2bool, teardown_distributed)
 from unet import Unet, check_unet_config
 
-MODES = ("regular", "proto_frozen", "proto_unfrozen")
+MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
+# controls: random_scaled = random directions with the prototypes' row norms, proto_shuffled = prototypes of
+# other classes; both frozen like proto_frozen, so each differs from it in one property only
+FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
 
@@ -156,10 +159,12 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     seed_everything(args.seed)
     net, cemblayer = build_models(cfg)
     if protos is not None:
-        set_class_table(cemblayer, protos, trainable=args.mode == "proto_unfrozen")
-        log.line(f"loaded prototypes from {args.path_proto}: {protos.shape[0]} x {protos.shape[1]} ({source}), "
-                 f"table {'frozen' if args.mode == 'proto_frozen' else 'trained'}")
-    elif args.mode == "proto_frozen":
+        table = {"random_scaled": lambda: rows_with_norms_of(protos, args.seed),
+                 "proto_shuffled": lambda: shuffled_rows(protos, args.seed)}.get(args.mode, lambda: protos)()
+        set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")
+        log.line(f"loaded prototypes from {args.path_proto}: {protos.shape[0]} x {protos.shape[1]} ({source}); "
+                 f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}")
+    elif args.mode in FROZEN:
         cemblayer.table.requires_grad_(False)
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)

@@ -19,6 +19,16 @@ from runtime import (UserError, run_cli, save_atomic, seed_everything, setup_dis
                      teardown_distributed)
 
 
+def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
+    """How far the prototypes [C, D] moved from their init, and their geometry (norms, pairwise distances)."""
+    dist = torch.cdist(final.double(), final.double())
+    off_diagonal = dist[~torch.eye(len(final), dtype=torch.bool)]
+    return {"relative_change": ((final - initial).norm() / initial.norm()).item(),
+            "cosine_to_initial": torch.nn.functional.cosine_similarity(final, initial, dim=1).tolist(),
+            "norms": final.norm(dim=1).tolist(), "initial_norms": initial.norm(dim=1).tolist(),
+            "pairwise_distances": dist.tolist(), "mean_pairwise_distance": off_diagonal.mean().item()}
+
+
 @torch.no_grad()
 def test_accuracy(model: PrototypeClassifier, images: torch.Tensor, labels: torch.Tensor, rank: int, world: int,
                   batch: int = 500) -> float:
@@ -52,7 +62,10 @@ def main(args: argparse.Namespace) -> None:
     resnet = imagenet_resnet18() if args.pretrained else None
     model = PrototypeClassifier(len(train.classes), args.cdim, args.scale, resnet).to(d.device)
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    initial = model.dce_loss.centers.detach().clone()
+    others = [p for name, p in model.named_parameters() if name != "dce_loss.centers"]
+    optimizer = torch.optim.Adam([{"params": others}, {"params": [model.dce_loss.centers],
+                                                       "lr": args.lr * args.center_lr_mult}], lr=args.lr)
     seed_everything(args.seed * d.world + d.rank)
     images, labels = train.images.to(d.device), train.labels.to(d.device)
     test_images, test_labels = test.images.to(d.device), test.labels.to(d.device)
@@ -78,13 +91,19 @@ def main(args: argparse.Namespace) -> None:
             print(f"epoch {epoch + 1}/{args.epoch}: loss {loss_sum.item() / len(batches):.4f}, "
                   f"test accuracy {acc:.4f}, {time.time() - t_start:.0f} s", flush=True)
 
+    movement = prototype_movement(initial.T.cpu(), model.prototypes.cpu())
     if d.is_main:
+        print(f"prototypes moved {100 * movement['relative_change']:.1f}% from their initial values (cosine to init: "
+              f"min {min(movement['cosine_to_initial']):.3f}); row norms {min(movement['norms']):.2f}.."
+              f"{max(movement['norms']):.2f}; pairwise distances mean {movement['mean_pairwise_distance']:.2f}",
+              flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_atomic({"format": FORMAT, "prototypes": model.prototypes.cpu(),
                      "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
                      "config": {k: v for k, v in vars(args).items() if k not in ("device", "debug")} |
                      {"image_size": train.size, "channels": train.channels},
-                     "test_accuracy": acc, "classes": train.classes}, args.out)
+                     "test_accuracy": acc, "classes": train.classes, "movement": movement,
+                     "initial_prototypes": initial.T.cpu()}, args.out)
         print(f"prototypes {tuple(model.prototypes.shape)} and classifier -> {args.out} "
               f"(test accuracy {acc:.4f}, {time.time() - t_start:.0f} s)", flush=True)
     teardown_distributed()
@@ -102,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cdim", type=int, default=128, help="prototype / feature dimension D (the paper's 128)")
     p.add_argument("--scale", type=float, default=2.0, help="s in log_softmax(-s * distance)")
     p.add_argument("--pl_weight", type=float, default=0.01, help="weight of the prototype loss mean |f - c_y|^2")
+    p.add_argument("--center_lr_mult", type=float, default=1.0, help="learning-rate multiplier for the prototypes "
+                   "(with 1 they barely move from their random init; see README)")
     p.add_argument("--epoch", type=int, default=15, help="epochs to train")
     p.add_argument("--batchsize", type=int, default=128, help="batch size per device")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

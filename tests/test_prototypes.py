@@ -152,3 +152,39 @@ def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(UserError, match=str(tmp_path / "hub" / "checkpoints" / "resnet18-")):
         imagenet_resnet18(download=False)
+
+
+@pytest.mark.parametrize("mode", ["random_scaled", "proto_shuffled"])
+def test_control_tables_are_frozen_and_keep_what_they_should(tmp_path, tiny_args, mode):
+    protos = torch.randn(10, 128) * torch.linspace(1, 3, 10)[:, None]
+    torch.save(protos, tmp_path / "p.pt")
+    table = tiny_main(tiny_args, ["--mode", mode, "--path_proto", str(tmp_path / "p.pt"),
+                                  "--results", str(tmp_path)])["cemblayer"].condEmbedding[0].weight
+    assert not table.requires_grad
+    if mode == "random_scaled":
+        torch.testing.assert_close(table.norm(dim=1), protos.norm(dim=1))
+        assert (torch.nn.functional.cosine_similarity(table, protos, dim=1).abs() < 0.5).all()
+    else:
+        matches = [[torch.equal(table[i], protos[j]) for j in range(10)] for i in range(10)]
+        assert all(sum(row) == 1 for row in matches) and all(sum(col) == 1 for col in zip(*matches))
+        assert not any(matches[i][i] for i in range(10))  # no class keeps its own prototype
+    again = tiny_main(tiny_args, ["--mode", mode, "--path_proto", str(tmp_path / "p.pt"),
+                                  "--results", str(tmp_path / "again")])["cemblayer"].condEmbedding[0].weight
+    assert torch.equal(table, again)  # a fixed seed
+
+
+def test_movement_report_matches_a_hand_computation(tmp_path):
+    out = tmp_path / "clf.pt"
+    subprocess.run([sys.executable, os.path.join(ROOT, "train_classifier.py"), "--dataset", "digits", "--pretrained",
+                    "False", "--epoch", "1", "--batchsize", "256", "--center_lr_mult", "10", "--out", str(out)],
+                   check=True, capture_output=True, env=run_env())
+    ckpt = torch.load(out, weights_only=True)
+    p0, p1, m = ckpt["initial_prototypes"], ckpt["prototypes"], ckpt["movement"]
+    change = float(((p1 - p0) ** 2).sum().sqrt() / (p0 ** 2).sum().sqrt())
+    assert m["relative_change"] == pytest.approx(change, rel=1e-5) and change > 0
+    for k in range(10):
+        cos = float(p1[k] @ p0[k] / (p1[k].norm() * p0[k].norm()))
+        assert m["cosine_to_initial"][k] == pytest.approx(cos, abs=1e-5)
+        assert m["norms"][k] == pytest.approx(float(p1[k].norm()), rel=1e-5)
+        assert m["pairwise_distances"][k][(k + 1) % 10] == pytest.approx(float((p1[k] - p1[(k + 1) % 10]).norm()),
+                                                                          rel=1e-5)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The full pipeline for one dataset on every GPU of this machine (or NGPU of them):
+# prototype classifier -> regular, proto_frozen, proto_unfrozen and the two controls (same seed, same budget)
+# -> FID of every saved epoch -> one FID-vs-epoch plot. Called by cifar10.sh, stl10.sh and tiny_imagenet.sh,
+# which set the dataset's defaults; every setting below can be overridden from the environment.
+# `--dry-run` prints the exact commands without running them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+: "${DATASET:?set DATASET}"
+NGPU=${NGPU:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
+[ "$NGPU" -gt 0 ] || NGPU=1
+OUT=${OUT:-results/$DATASET}
+EPOCHS=${EPOCHS:-1500}            # the paper code's default
+INTERVAL=${INTERVAL:-50}          # checkpoint (and FID) every INTERVAL epochs
+BATCH=${BATCH:-64}                # per GPU, as in the paper code's README
+IMAGE_SIZE=${IMAGE_SIZE:-32}
+CHMUL=${CHMUL:-1,2,4,4}
+LR=${LR:-2e-4}
+SEED=${SEED:-0}
+GENUM=${GENUM:-10000}             # images per FID
+CLS_EPOCHS=${CLS_EPOCHS:-30}
+MODES=${MODES:-"regular proto_frozen proto_unfrozen random_scaled proto_shuffled"}
+DATA_ROOT=${DATA_ROOT:-datasets}
+EXTRA=${EXTRA:-}                  # e.g. "--tiny_imagenet_path /data/tiny-imagenet-200"
+PY=${PY:-.venv/bin/python}
+RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU"
+
+run() {
+  echo "+ $*"
+  if [ "$DRY" = 0 ]; then eval "$@"; fi
+}
+
+[ "$DRY" = 1 ] || source scripts/setup.sh
+run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $SEED --out $OUT/prototypes.pt $EXTRA"
+run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $((SEED + 1)) --out $OUT/eval_classifier.pt $EXTRA"
+for mode in $MODES; do
+  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode $EXTRA"
+  for ((epoch = INTERVAL; epoch <= EPOCHS; epoch += INTERVAL)); do
+    run "$RUN sample.py --path $OUT/runs/$mode --epoch $epoch --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --data_root $DATA_ROOT --out $OUT/runs/$mode/samples_$epoch"
+  done
+done
+runs=""
+for mode in $MODES; do runs="$runs $OUT/runs/$mode"; done
+run "$PY plot_fid.py$runs --out $OUT/fid_vs_epoch.png --title '$DATASET: FID (Inception, $GENUM images, DDIM-50, EMA) vs epoch'"
