@@ -1,0 +1,36 @@
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+import sample
+import train
+import train_classifier
+
+PARSERS = {"train.py": train.build_parser, "sample.py": sample.build_parser,
+           "train_classifier.py": train_classifier.build_parser}
+
+
+@pytest.mark.parametrize("script,dataset", [("cifar10.sh", "cifar10"), ("stl10.sh", "stl10"),
+                                            ("tiny_imagenet.sh", "tiny-imagenet")])
+def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset):
+    env = dict(os.environ, EPOCHS="4", INTERVAL="2", NGPU="2")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run"], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    scripts = [next(w for w in cmd if w.endswith(".py")) for cmd in commands]
+    # 2 classifiers, then per mode: 1 training + FID at epochs 2 and 4; then the plot
+    assert scripts == ["train_classifier.py"] * 2 + ["train.py", "sample.py", "sample.py"] * 5 + ["plot_fid.py"]
+    modes = []
+    for cmd, name in zip(commands, scripts):
+        if name in PARSERS:
+            args = PARSERS[name]().parse_args(cmd[cmd.index(name) + 1:])
+            assert args.dataset == dataset if name != "sample.py" else args.fid
+            if name == "train.py":
+                modes.append(args.mode)
+                assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128
+    assert modes == ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
