@@ -215,11 +215,12 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i, idx in enumerate(bar, start=skip):
+            idx = idx.to(d.device)  # one copy of the indices per step; a no-op on CPU
             x0 = to_float(images[idx.to(images.device)].to(d.device, non_blocking=True))
             if fast.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with fast.autocast(d.device):
-                cemb = drop_condition(cemb_ddp(labels[idx.to(d.device)]), args.threshold)
+                cemb = drop_condition(cemb_ddp(labels[idx]), args.threshold)
                 loss = diffusion.train_loss(net_ddp, x0, cemb)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
