@@ -25,8 +25,8 @@ from datasets import DATASETS, DatasetError, ShardedBatches, class_grid_labels, 
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
 from embedding import ConditionalEmbedding, rows_with_norms_of, set_class_table, shuffled_rows
-from runtime import (RunLog, StopSignal, UserError, adamw, broadcast_object, int_list, load_file, new_run_dir,
-                     resolve_fast_path, rng_state, run_cli, save_atomic, seed_everything, set_rng_state,
+from runtime import (RunLog, StopSignal, UserError, adamw, broadcast_object, compile_or_eager, int_list, load_file,
+                     new_run_dir, resolve_fast_path, rng_state, run_cli, save_atomic, seed_everything, set_rng_state,
                      setup_distributed, str2bool, teardown_distributed)
 from unet import Unet, check_unet_config
 
@@ -169,8 +169,6 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
     models = nn.ModuleDict({"net": net, "cemblayer": cemblayer})
-    ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 else (lambda m: m)
-    net_ddp, cemb_ddp = ddp(torch.compile(net) if fast.compile else net), ddp(cemblayer)  # compile before DDP
     ema = EMA(models, args.ema_decay)
 
     # --- optimizer and schedule: AdamW at the warm-up's peak, scaled per epoch by the schedule
@@ -178,6 +176,22 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     scaler = torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16)  # fp16 only; bf16 needs none
     scheduler = make_lr_schedule(optimizer, args.epoch, args.multiplier)
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
+
+    def batch_loss(unet: nn.Module, cemb_module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        x0 = to_float(images[idx.to(images.device)].to(d.device, non_blocking=True))
+        if fast.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with fast.autocast(d.device):
+            cemb = drop_condition(cemb_module(labels[idx]), args.threshold)
+            return diffusion.train_loss(unet, x0, cemb)
+
+    if fast.compile:  # before the DDP wrap; the probe batch has the training shape, so nothing recompiles later
+        probe = torch.arange(args.batchsize, device=d.device) % len(labels)
+        net_fwd = compile_or_eager(net, lambda m: batch_loss(m, cemblayer, probe), d.device, log.line)
+    else:
+        net_fwd = net
+    ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 else (lambda m: m)
+    net_ddp, cemb_ddp = ddp(net_fwd), ddp(cemblayer)
     start_epoch, skip = 0, 0
     if resume is not None:
         net.load_state_dict(resume["net"])
@@ -215,13 +229,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i, idx in enumerate(bar, start=skip):
-            idx = idx.to(d.device)  # one copy of the indices per step; a no-op on CPU
-            x0 = to_float(images[idx.to(images.device)].to(d.device, non_blocking=True))
-            if fast.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            with fast.autocast(d.device):
-                cemb = drop_condition(cemb_ddp(labels[idx]), args.threshold)
-                loss = diffusion.train_loss(net_ddp, x0, cemb)
+            loss = batch_loss(net_ddp, cemb_ddp, idx.to(d.device))  # one copy of the indices per step
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -153,14 +153,17 @@ def test_a_missing_epoch_lists_the_saved_ones(run_dir):
     assert r.returncode == 2 and "saved epochs: 1, 2" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
-    clf = tmp_path / "clf.pt"
-    protos = torch.randn(10, 128)
-    torch.save(protos, clf)
+def write_classifier(path):
+    """An untrained prototype classifier checkpoint for 10 classes x 128, in train_classifier.py's format."""
     from prototypes import PrototypeClassifier, FORMAT
     model = PrototypeClassifier(10, 128)
     torch.save({"format": FORMAT, "prototypes": model.prototypes, "classifier": model.state_dict(),
-                "config": {"cdim": 128, "scale": 2.0}, "classes": [str(i) for i in range(10)]}, clf)
+                "config": {"cdim": 128, "scale": 2.0}, "classes": [str(i) for i in range(10)]}, path)
+    return path
+
+
+def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
+    clf = write_classifier(tmp_path / "clf.pt")
     train.main(train.build_parser().parse_args(TINY + [
         "--epoch", "2", "--fid_every", "1", "--fid_num", "20", "--fid_features", "classifier", "--eval_classifier",
         str(clf), "--data_root", str(tmp_path / "data"), "--results", str(tmp_path / "res")]))

@@ -69,3 +69,46 @@ def test_a_compiled_run_saves_plain_weights(tmp_path, monkeypatch):
     net.load_state_dict(ckpt["net"], strict=True)
     net.load_state_dict(ckpt["ema"]["net"], strict=True)
     cemb.load_state_dict(ckpt["cemblayer"], strict=True)
+
+
+def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(tmp_path, monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        """Stands in for a compiled module whose first call fails (no compiler, unsupported op)."""
+
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            self.module(*a, **k)  # draws dropout noise first: the probe must leave the RNG as it found it
+            raise RuntimeError("C compiler not found\nmore detail")
+
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--run_dir", str(tmp_path / "eager")]))
+    monkeypatch.setattr(torch, "compile", Broken)
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True",
+                                                       "--run_dir", str(tmp_path / "fallback")]))
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed (RuntimeError: C compiler not found); continuing eager") == 1
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "ckpt_1_checkpoint.pt", weights_only=True)["net"]
+            for r in ("eager", "fallback"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grids_and_periodic_fid_do_not_recompile(tmp_path, monkeypatch):
+    from test_sample import write_classifier
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    clf = write_classifier(tmp_path / "clf.pt")
+    common = TINY + ["--compile", "True", "--sample_every", "1", "--fid_every", "1", "--fid_num", "20",
+                     "--fid_features", "classifier", "--eval_classifier", str(clf), "--data_root", str(tmp_path)]
+    torch._dynamo.reset()
+    train.main(train.build_parser().parse_args(common + ["--epoch", "1", "--run_dir", str(tmp_path / "one")]))
+    once = len(graphs)
+    torch._dynamo.reset()
+    train.main(train.build_parser().parse_args(common + ["--epoch", "3", "--run_dir", str(tmp_path / "three")]))
+    assert once >= 1 and len(graphs) == 2 * once  # three epochs of training, grids and FID compile what one did

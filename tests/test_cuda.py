@@ -1,0 +1,120 @@
+"""The CUDA path computes what the CPU path does (run by scripts/gpu_check.sh; skipped without a GPU)."""
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import TINY
+
+import train
+from diffusion import GaussianDiffusion, linear_betas
+from runtime import adamw
+from sample import generate
+from unet import Unet
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """TF32 off, so fp32 on the GPU is IEEE fp32 like the CPU (train.py turns TF32 on for speed)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def small_unet() -> Unet:
+    torch.manual_seed(0)
+    return Unet(3, 64, 3, (1, 2, 2), 2, 32).eval()  # eval: dropout off, so only the device differs
+
+
+def inputs(n: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, torch.randint(1000, (n,), generator=g),
+            torch.randn(n, 32, generator=g))
+
+
+def loss_on(net: torch.nn.Module, device: torch.device, amp: torch.dtype | None = None) -> float:
+    x, _, c = inputs()
+    diff = GaussianDiffusion(linear_betas(1000), device)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return diff.train_loss(net, x.to(device), c.to(device), generator=torch.Generator(device).manual_seed(3)).item()
+
+
+def test_unet_forward_on_cuda_equals_cpu_fp32():
+    net = small_unet()
+    x, t, c = inputs()
+    with torch.no_grad():
+        ref = net(x, t, c)
+        out = net.to(CUDA)(x.to(CUDA), t.to(CUDA), c.to(CUDA)).cpu()
+    # fp32 with another summation order (cuDNN's conv algorithms): errors of a few ulps per op, growing through
+    # ~30 layers to ~1e-6 of the output scale; 1e-4 of the largest output leaves room and still catches a wrong op
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_compiled_loss_equals_eager_on_cuda():
+    net = small_unet().to(CUDA)
+    eager = loss_on(net, CUDA)
+    compiled = loss_on(torch.compile(net), CUDA)
+    assert compiled == pytest.approx(eager, rel=1e-4)  # inductor fuses and reorders fp32 reductions
+
+
+def test_bf16_loss_within_two_percent_of_fp32_on_cuda():
+    net = small_unet().to(CUDA)
+    assert loss_on(net, CUDA, torch.bfloat16) == pytest.approx(loss_on(net, CUDA), rel=2e-2)  # bf16: 8-bit mantissa
+
+
+def test_fused_adamw_on_cuda_equals_the_cpu_step():
+    torch.manual_seed(0)
+    cpu_params = [torch.randn(64, 32), torch.randn(128), torch.randn(3, 3, 8, 8)]
+    gpu_params = [p.clone().to(CUDA).requires_grad_() for p in cpu_params]
+    cpu_params = [p.requires_grad_() for p in cpu_params]
+    opts = adamw(cpu_params, 1e-3, 1e-4), adamw(gpu_params, 1e-3, 1e-4)
+    assert opts[1].defaults["fused"]
+    for step in range(3):
+        grads = [torch.randn_like(p, device="cpu") for p in cpu_params]
+        for params, opt in zip((cpu_params, gpu_params), opts):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device)
+            opt.step()
+    for a, b in zip(cpu_params, gpu_params):
+        # each step moves a weight by about lr = 1e-3; fp32 rounding of m / (sqrt(v) + eps) is ~1e-7 of that
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_compiled_bf16_cuda_run_loads_strict_into_a_plain_cpu_model(tmp_path):
+    run = tmp_path / "run"
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--device", "cuda", "--amp", "bf16",
+                                                       "--compile", "True", "--run_dir", str(run)]))
+    ckpt = torch.load(glob.glob(os.path.join(run, "checkpoints", "ckpt_1_checkpoint.pt"))[0], map_location="cpu",
+                      weights_only=True)
+    net, cemb = train.build_models(ckpt["config"])
+    net.load_state_dict(ckpt["net"], strict=True)
+    net.load_state_dict(ckpt["ema"]["net"], strict=True)
+    cemb.load_state_dict(ckpt["cemblayer"], strict=True)
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in ckpt["net"].values())
+    with torch.no_grad():
+        out = net.eval()(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500]), cemb(torch.tensor([0, 1])))
+    assert torch.isfinite(out).all()
+
+
+def test_per_image_seeds_give_the_same_images_for_two_batch_sizes_on_cuda():
+    torch.manual_seed(0)
+    net, cemb = Unet(1, 32, 1, (1, 2), 1, 16).to(CUDA).eval(), torch.nn.Embedding(10, 16).to(CUDA)
+    diff = GaussianDiffusion(linear_betas(1000), CUDA)
+    labels = torch.arange(24) % 10
+
+    def images(batch: int) -> torch.Tensor:
+        return torch.cat([u8 for _, u8 in generate(diff, net, cemb, list(range(24)), labels, (1, 16, 16), 5, batch,
+                                                   True, 10, 1.0, "linear", 1.8)]).cpu().int()
+
+    a, b = images(24), images(5)
+    same = (a == b).float().mean().item()
+    within_one = ((a - b).abs() <= 1).float().mean().item()
+    # cuDNN may choose other kernels for other batch sizes; then images differ by rounding, never by noise
+    print(f"\nper-image seeds on CUDA, batch 24 vs 5: {100 * same:.3f}% of pixels identical, "
+          f"{100 * within_one:.3f}% within one uint8 level")
+    assert within_one >= 0.999
