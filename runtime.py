@@ -156,7 +156,7 @@ def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module
     first training step. The probe runs with the RNG forked and its gradients discarded, so the run that follows
     is the same as without it, and its time is the compilation time.
     """
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, dynamic=False)  # shapes are fixed; a symbolic-shape recompile takes minutes
     t0 = time.time()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -30,7 +30,7 @@ if [ "$CUDA" = 1 ]; then  # the paper's CIFAR10 UNet: mod_ch 64, ch_mul 1,2,4,4,
   BENCH="--modch 64 --chmul 1,2,4,4 --image_size 32 --batchsize 128 --steps 10 --warmup 3"
   MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32"
   TRAIN="--batchsize 128 --epoch 20"; STOP=150  # 14 steps per epoch: stop inside epoch 11, resume to step 280
-  GENUM=10000; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
+  GENUM=${GENUM:-10000}; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
 else
   BENCH="--modch 32 --chmul 1,2 --numres 1 --image_size 16 --batchsize 8 --steps 2 --warmup 1 --sample_timed_steps 2"
   MODEL="--modch 32 --chmul 1,2 --numres 1 --image_size 16"
@@ -57,7 +57,7 @@ case ",$ONLY," in *,bench,*)
   step bench 160 $PY bench.py $BENCH --json ;;
 esac
 case ",$ONLY," in *,train,*)
-  step train 120 $TORCHRUN train.py --dataset digits $MODEL $TRAIN --max_steps $STOP --run_dir "$WORK/run" \
+  step train 120 $TORCHRUN train.py --dataset digits $MODEL $TRAIN --max_steps $STOP --run_dir "$WORK/run" ${TRAIN_EXTRA:-} \
     --ddim True --num_steps 20 --genbatch 40 --sample_every 5 --interval 5 --log_every 10
   step resume 80 $TORCHRUN train.py --path_resume "$WORK/run" ;;
 esac

@@ -21,6 +21,7 @@ CUDA = torch.device("cuda")
 def exact_fp32():
     """TF32 off, so fp32 on the GPU is IEEE fp32 like the CPU (train.py turns TF32 on for speed)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch._dynamo.reset()  # each test compiles its own shapes; none should inherit another's as dynamic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
@@ -58,7 +59,7 @@ def test_unet_forward_on_cuda_equals_cpu_fp32():
 def test_compiled_loss_equals_eager_on_cuda():
     net = small_unet().to(CUDA)
     eager = loss_on(net, CUDA)
-    compiled = loss_on(torch.compile(net), CUDA)
+    compiled = loss_on(torch.compile(net, dynamic=False), CUDA)
     assert compiled == pytest.approx(eager, rel=1e-4)  # inductor fuses and reorders fp32 reductions
 
 

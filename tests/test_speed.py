@@ -75,7 +75,7 @@ def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(
     class Broken(torch.nn.Module):
         """Stands in for a compiled module whose first call fails (no compiler, unsupported op)."""
 
-        def __init__(self, module):
+        def __init__(self, module, **options):
             super().__init__()
             self.module = module
 
