@@ -3,7 +3,7 @@
 Features come from pytorch-fid's InceptionV3 (2048-d pool features, the standard FID) or from the prototype
 classifier's D-d features ("proto-FID", an offline stand-in that is never called FID). Images enter as uint8,
 exactly what the PNGs hold. Only sufficient statistics (count, sum, sum of outer products) travel between
-ranks; the distance itself is pytorch-fid's `calculate_frechet_distance`.
+ranks; the distance is pytorch-fid's formula and numerics (see `frechet_distance`).
 """
 import os
 from typing import Callable
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pytorch_fid import inception as pf_inception
-from pytorch_fid.fid_score import calculate_frechet_distance
+from scipy import linalg
 
 from datasets import ImageData, to_float
 from runtime import UserError
@@ -102,9 +102,25 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """pytorch-fid's Frechet distance between two Gaussians."""
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), with pytorch-fid's numerics.
+
+    Not a call of pytorch-fid's calculate_frechet_distance: version 0.3.0 passes `disp` to scipy's sqrtm, which
+    SciPy 1.18 removed (seen failing on a GPU machine). Same steps: an eps ridge if the root is not finite, the real
+    part when the imaginary one is rounding noise. Tested equal to pytorch-fid's function where that still runs.
+    """
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product: pytorch-fid's ridge
+        ridge = eps * np.eye(sigma1.shape[0])
+        covmean = linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise UserError(f"FID is ill-defined here: sqrt(sigma1 sigma2) has an imaginary part of "
+                            f"{np.abs(covmean.imag).max():.3g} (too few images for the feature width?)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def dataset_stats(data: ImageData, extract: Extractor, dim: int, device: torch.device, rank: int = 0,

@@ -175,3 +175,15 @@ def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
                        capture_output=True, text=True, env=run_env())
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "p.png").size[0] > 100
+
+
+@pytest.mark.parametrize("n,dim", [(50, 8), (5, 8)])  # 5 < 8: singular covariances, a complex root
+def test_frechet_distance_equals_pytorch_fids(n, dim):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from fid import frechet_distance
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(n, dim)), rng.normal(0.5, 2.0, size=(n, dim))
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    assert frechet_distance(*stats[0], *stats[1]) == pytest.approx(
+        calculate_frechet_distance(*stats[0], *stats[1]), rel=1e-6)
+    assert frechet_distance(*stats[0], *stats[0]) == pytest.approx(0, abs=1e-5)
