@@ -3,7 +3,7 @@
 # training run on digits with the CUDA defaults that stops and resumes, and sample.py --fid for 10,000 images.
 # Writes GPU_CHECK_OUT/report.json, summary.txt and one log per step; exits non-zero if any check fails.
 # Without a GPU it runs the same steps on tiny configs (the CUDA tests skip), to check the plumbing.
-#   bash scripts/gpu_check.sh            # ~7 minutes on one H100
+#   bash scripts/gpu_check.sh            # about 8 minutes on one H200 (estimated from its parts, README GPU)
 #   ONLY=bench,sample bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,12 +29,14 @@ $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.
 if [ "$CUDA" = 1 ]; then  # the paper's CIFAR10 UNet: mod_ch 64, ch_mul 1,2,4,4, 2 res blocks, cdim 128, 32x32
   BENCH="--modch 64 --chmul 1,2,4,4 --image_size 32 --batchsize 128 --steps 10 --warmup 3"
   MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32"
-  TRAIN="--batchsize 128 --epoch 20"; STOP=150  # 14 steps per epoch: stop inside epoch 11, resume to step 280
+  # a smaller UNet than the paper's for the run that stops and resumes: compiling the paper's took 119 s on an H200
+  TRAIN="--modch 64 --chmul 1,2,2 --numres 1 --image_size 32 --batchsize 128 --epoch 20"
+  STOP=150  # 14 steps per epoch: stop inside epoch 11, resume to step 280
   GENUM=${GENUM:-10000}; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
 else
   BENCH="--modch 32 --chmul 1,2 --numres 1 --image_size 16 --batchsize 8 --steps 2 --warmup 1 --sample_timed_steps 2"
   MODEL="--modch 32 --chmul 1,2 --numres 1 --image_size 16"
-  TRAIN="--batchsize 64 --epoch 2"; STOP=20
+  TRAIN="$MODEL --batchsize 64 --epoch 2"; STOP=20
   GENUM=100; GENBATCH=50; STEPS=5  # Inception on 2 CPU cores takes minutes: proto-FID checks the same plumbing
   FEATURES="--fid_features classifier --eval_classifier $WORK/random_classifier.pt"
 fi
@@ -51,19 +53,19 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT_DIR/NAM
 }
 
 case ",$ONLY," in *,tests,*)
-  step tests 110 $PY -m pytest -q -rs -s tests/test_cuda.py ;;
+  step tests 100 $PY -m pytest -q -rs -s tests/test_cuda.py ;;
 esac
 case ",$ONLY," in *,bench,*)
-  step bench 160 $PY bench.py $BENCH --json ;;
+  step bench 170 $PY bench.py $BENCH --json ;;
 esac
 case ",$ONLY," in *,train,*)
-  step train 120 $TORCHRUN train.py --dataset digits $MODEL $TRAIN --max_steps $STOP --run_dir "$WORK/run" ${TRAIN_EXTRA:-} \
+  step train 100 $TORCHRUN train.py --dataset digits $TRAIN --max_steps $STOP --run_dir "$WORK/run" ${TRAIN_EXTRA:-} \
     --ddim True --num_steps 20 --genbatch 40 --sample_every 5 --interval 5 --log_every 10
-  step resume 80 $TORCHRUN train.py --path_resume "$WORK/run" ;;
+  step resume 60 $TORCHRUN train.py --path_resume "$WORK/run" ;;
 esac
 case ",$ONLY," in *,sample,*)
   if [ "$HAVE_FID" = 1 ]; then
-    step sample 120 bash -c "$PY scripts/gpu_check_report.py random-run $WORK $MODEL && $TORCHRUN sample.py \
+    step sample 160 bash -c "$PY scripts/gpu_check_report.py random-run $WORK $MODEL && $TORCHRUN sample.py \
       --path $WORK/random_run --epoch 0 --ddim True --num_steps $STEPS --genum $GENUM --genbatch $GENBATCH \
       --fid True $FEATURES --data_root $WORK/data"
   else

@@ -1,6 +1,8 @@
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -34,3 +36,16 @@ def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset):
                 modes.append(args.mode)
                 assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128
     assert modes == ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
+
+
+def test_gpu_check_runs_its_steps_on_cpu_and_reports(tmp_path):
+    # without a GPU the same steps run on tiny configs (the CUDA tests skip): this checks the script's plumbing
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"),
+               PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert report["passed"] and set(report["steps"]) == {"tests", "bench", "train", "resume", "sample"}
+    assert all(report["train"]["checks"].values()) and report["sample"]["fid_line"].startswith("proto-FID")
+    assert len(report["bench"]["rows"]) == 6 and "6 skipped" in report["tests"]["summary"]
