@@ -1,4 +1,5 @@
-"""What every script shares: flag parsing helpers, clear errors, DDP setup, seeding, run dirs, checkpoint IO."""
+"""What every script shares: flag parsing helpers, clear errors, DDP setup, the fast-path settings, seeding, stop
+signals and the run log. Run dirs and checkpoint files live in checkpoints.py."""
 import argparse
 import json
 import os
@@ -163,7 +164,8 @@ def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module
             example(compiled).backward()
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        say(f"torch.compile failed ({type(e).__name__}: {reason}); continuing eager (--compile False skips the attempt)")
+        say(f"torch.compile failed ({type(e).__name__}: {reason}); continuing eager "
+            "(--compile False skips the attempt)")
         torch._dynamo.reset()
         return module
     finally:
@@ -185,62 +187,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """All global RNG states, in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() captured."""
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def new_run_dir(results: str, mode: str, dataset: str) -> str:
-    """results/{mode}/{dataset}/{timestamp}, with a numeric suffix if that name is taken; created empty."""
-    base = os.path.join(results, mode, dataset, time.strftime("%Y-%m-%d_%H-%M-%S"))
-    path, k = base, 1
-    while True:
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            path, k = f"{base}-{k}", k + 1
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_file(path: str, what: str = "checkpoint") -> Any:
-    """torch.load(weights_only=True) on CPU; a missing, truncated or foreign file becomes a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {what} {path}: it is truncated, corrupt or not a weights-only torch file "
-                        f"({first})") from None
 
 
 class StopSignal:

@@ -9,155 +9,18 @@ original code (params.txt).
 """
 import argparse
 import glob
-import hashlib
 import json
 import os
-import re
-from contextlib import nullcontext
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from datasets import DatasetError, load_dataset, read_png, save_grid, save_png, to_float, to_uint8
+from checkpoints import load_run
+from datasets import read_png, save_grid, save_png
 from diffusion import GaussianDiffusion, make_betas
-from fid import FEATURES, FeatureStats, dataset_stats, frechet_distance, load_or_make_reference, make_extractor
-from runtime import (FastPath, UserError, load_file, resolve_fast_path, run_cli, setup_distributed, str2bool,
-                     teardown_distributed)
-from train import build_models
-
-NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
-
-
-def original_config(path: str, state: dict) -> dict:
-    """A run config from the original code's params.txt (`key: value` lines) and its checkpoint's shapes."""
-    raw = dict(line.rstrip("\n").split(":", 1) for line in open(path) if ":" in line)
-    raw = {k.strip(): v.strip() for k, v in raw.items()}
-    dataset = raw.get("dataset", "cifar10")
-    size = int(raw.get("image_size", -1))
-    return {"inch": int(raw["inch"]), "outch": int(raw["outch"]), "modch": int(raw["modch"]),
-            "chmul": [int(m) for m in re.findall(r"\d+", raw["chmul"])], "numres": int(raw["numres"]),
-            "cdim": int(raw["cdim"]), "useconv": raw.get("useconv", "True") == "True",
-            "droprate": float(raw.get("droprate", 0.1)), "T": int(raw.get("T", 1000)), "schedule": "linear",
-            "v": 1.0, "w": float(raw.get("w", 1.8)), "dataset": dataset,
-            "image_size": size if size > 0 else NATIVE_SIZE.get(dataset, 32),
-            "num_classes": state["cemblayer"]["condEmbedding.0.weight"].shape[0],
-            "tiny_imagenet_path": raw.get("tiny_imagenet_path") if raw.get("tiny_imagenet_path") != "None" else None}
-
-
-def load_run(path: str, epoch: int, weights: str | None) -> tuple[torch.nn.Module, torch.nn.Module, dict, str]:
-    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
-    ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
-    if not os.path.isdir(path):
-        raise UserError(f"--path {path} is not a directory")
-    if not os.path.isfile(ckpt_path):
-        found = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
-                       if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
-        raise UserError(f"no checkpoint for epoch {epoch} in {path}/checkpoints; saved epochs: "
-                        f"{', '.join(map(str, found)) or 'none'}")
-    state = load_file(ckpt_path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        cfg = json.load(open(os.path.join(path, "config.json")))
-    elif os.path.isfile(os.path.join(path, "params.txt")):
-        cfg = original_config(os.path.join(path, "params.txt"), state)
-    else:
-        raise UserError(f"{path} has neither config.json (this code) nor params.txt (the original code)")
-    if weights is None:
-        weights = "ema" if "ema" in state else "raw"
-    if weights == "ema" and "ema" not in state:
-        raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none); use --weights raw")
-    source = state["ema"] if weights == "ema" else state
-    net, cemblayer = build_models(cfg)
-    net.load_state_dict(source["net"])
-    cemblayer.load_state_dict(source["cemblayer"])
-    return net.eval(), cemblayer.eval(), cfg, weights
-
-
-def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
-    """Class of every image: `range` is i mod clsnum (exactly balanced), `random` is uniform from a fixed seed."""
-    if label == "range":
-        return torch.arange(n) % clsnum
-    if label == "random":
-        return torch.randint(clsnum, (n,), generator=torch.Generator().manual_seed(seed))
-    raise UserError(f"unknown --label '{label}' (choose range or random)")
-
-
-def generate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, indices: list[int],
-             labels: torch.Tensor, shape: tuple[int, int, int], seed: int, batch: int, ddim: bool, num_steps: int,
-             eta: float, select: str, w: float, progress: bool = False,
-             fast: FastPath | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (image indices, uint8 images) in batches; image i's noise comes from its own seed `seed + i`."""
-    device = diffusion.device
-    precision = fast.autocast(device) if fast is not None else nullcontext()
-    for start in tqdm(range(0, len(indices), batch), disable=not progress, desc="sampling", dynamic_ncols=True):
-        chunk = indices[start:start + batch]
-        gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
-        with torch.inference_mode():
-            cemb = cemblayer(labels[chunk].to(device))
-        full = (len(chunk),) + tuple(shape)
-        with precision:
-            if ddim:
-                x = diffusion.ddim_sample(net, cemb, full, num_steps, eta, select, w, gens)
-            else:
-                x = diffusion.sample(net, cemb, full, w, gens)
-        yield chunk, to_uint8(x)
-
-
-def classifier_for(path: str) -> torch.nn.Module:
-    """The prototype classifier of a file written by train_classifier.py or the authors' best_model.pt."""
-    from prototypes import load_classifier
-    return load_classifier(path)
-
-
-def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | None) -> str:
-    """Cache file of the training set's feature statistics for this (dataset, size, feature extractor)."""
-    tag = features
-    if features == "classifier":
-        tag += "-" + hashlib.sha1(open(path_proto, "rb").read()).hexdigest()[:10]
-    return os.path.join(data_root, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
-
-
-def evaluate(diffusion: GaussianDiffusion, net: torch.nn.Module, cemblayer: torch.nn.Module, cfg: dict,
-             labels: torch.Tensor, features: str, classifier: torch.nn.Module | None, ref_stats: str, data_root: str, seed: int,
-             batch: int, ddim: bool, num_steps: int, eta: float, select: str, w: float, rank: int, world: int,
-             inception_weights: str | None = None, out_dir: str | None = None, progress: bool = False,
-             fast: FastPath | None = None) -> dict:
-    """Generate one image per label (this rank's share), optionally write them, and return FID and accuracy."""
-    device = diffusion.device
-    extract, dim = make_extractor(features, device, inception_weights, classifier)
-    shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
-    stats = FeatureStats(dim, device)
-    hits = torch.zeros(2, dtype=torch.float64, device=device)  # correctly classified, classified
-    for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape, seed, batch,
-                              ddim, num_steps, eta, select, w, progress, fast):
-        if out_dir is not None:
-            for i, img in zip(chunk, u8):
-                save_png(img, os.path.join(out_dir, f"{i}.png"))
-        stats.add(extract(u8))
-        if classifier is not None:
-            with torch.inference_mode():
-                _, logits = classifier(to_float(u8.to(device)))
-            hits += torch.tensor([(logits.argmax(1).cpu() == labels[chunk]).sum().item(), len(chunk)],
-                                 dtype=torch.float64, device=device)
-    stats.all_reduce()
-    if world > 1:
-        dist.all_reduce(hits)
-
-    def reference():
-        try:
-            data = load_dataset(cfg["dataset"], "all", data_root, cfg["image_size"], False,
-                                cfg.get("tiny_imagenet_path"))
-        except DatasetError as e:
-            raise UserError(f"reference statistics {ref_stats} are missing and the training set cannot be read: {e}") from None
-        return dataset_stats(data, extract, dim, device, rank, world)
-
-    mu_ref, sigma_ref = load_or_make_reference(ref_stats, reference, rank == 0)
-    mu, sigma = stats.mu_sigma()
-    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": stats.n}
-    if classifier is not None:
-        result["class_accuracy"] = (hits[0] / hits[1]).item()
-    return result
+from evaluate import Sampler, Scoring, classifier_for, evaluate, generate, image_labels, reference_path
+from fid import FEATURES
+from runtime import UserError, resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed
 
 
 def main(args: argparse.Namespace) -> None:
@@ -195,20 +58,18 @@ def main(args: argparse.Namespace) -> None:
     classifier = classifier_for(clf_path).to(d.device) if clf_path else None
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
-    sampler = f"DDIM-{args.num_steps} ({args.select}, eta {args.eta})" if args.ddim else f"DDPM-{diffusion.T}"
+    sampler = Sampler.from_args(args, w=w, fast=fast)
     if d.is_main:
-        print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with {sampler}, w {w}, "
-              f"{d.world} process(es)", flush=True)
-    kw = dict(seed=args.seed, batch=args.genbatch, ddim=args.ddim, num_steps=args.num_steps, eta=args.eta,
-              select=args.select, w=w, fast=fast)
+        print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
+              f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)", flush=True)
     labels = image_labels(n, clsnum, args.label, args.seed)
     if args.fid:
-        result = evaluate(diffusion, net, cemblayer, cfg, labels, args.fid_features, classifier, ref, data_root,
-                          rank=d.rank, world=d.world, inception_weights=args.inception_weights, out_dir=out_dir,
-                          progress=d.is_main, **kw)
+        scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights)
+        result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, out_dir,
+                          progress=d.is_main)
     else:
         for chunk, u8 in generate(diffusion, net, cemblayer, list(range(d.rank, n, d.world)), labels,
-                                  (cfg["inch"], cfg["image_size"], cfg["image_size"]), progress=d.is_main, **kw):
+                                  (cfg["inch"], cfg["image_size"], cfg["image_size"]), sampler, d.is_main):
             for i, img in zip(chunk, u8):
                 save_png(img, os.path.join(out_dir, f"{i}.png"))
     if d.world > 1:
@@ -234,7 +95,8 @@ def main(args: argparse.Namespace) -> None:
                 record["class_accuracy"] = result["class_accuracy"]
             line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
                                                    if "class_accuracy" in result else "")
-            print(f"{line} ({n} images, {sampler}, w {w}, {weights} weights, reference {ref})", flush=True)
+            print(f"{line} ({n} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference {ref})",
+                  flush=True)
             with open(os.path.join(args.path, f"fid_{args.epoch}.txt"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             with open(os.path.join(args.path, "metrics.jsonl"), "a") as f:

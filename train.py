@@ -11,7 +11,6 @@ Two nodes (run on each, NODE = 0 or 1):
 """
 import argparse
 import json
-import math
 import os
 import time
 
@@ -21,14 +20,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from datasets import DATASETS, DatasetError, ShardedBatches, class_grid_labels, load_dataset, save_grid, to_float, to_uint8
+from checkpoints import (TrainState, build_models, latest_checkpoint, load_file, new_run_dir, run_models,
+                         save_checkpoint, set_rng_state)
+from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset, to_float
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
-from embedding import ConditionalEmbedding, rows_with_norms_of, set_class_table, shuffled_rows
-from runtime import (RunLog, StopSignal, UserError, adamw, broadcast_object, compile_or_eager, int_list, load_file,
-                     new_run_dir, resolve_fast_path, rng_state, run_cli, save_atomic, seed_everything, set_rng_state,
-                     setup_distributed, str2bool, teardown_distributed)
-from unet import Unet, check_unet_config
+from embedding import rows_with_norms_of, set_class_table, shuffled_rows
+from evaluate import Sampler, make_evaluator, sample_grid
+from runtime import (Dist, RunLog, StopSignal, UserError, adamw, broadcast_object, compile_or_eager,
+                     int_list, resolve_fast_path, run_cli, seed_everything, setup_distributed, str2bool,
+                     teardown_distributed)
+from unet import check_unet_config
+
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
 # controls: random_scaled = random directions with the prototypes' row norms, proto_shuffled = prototypes of
@@ -36,13 +39,6 @@ MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_sh
 FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
-
-
-def build_models(cfg: dict) -> tuple[Unet, ConditionalEmbedding]:
-    """The UNet and the class embedding described by a run config."""
-    net = Unet(in_ch=cfg["inch"], mod_ch=cfg["modch"], out_ch=cfg["outch"], ch_mul=cfg["chmul"],
-               num_res_blocks=cfg["numres"], cdim=cfg["cdim"], use_conv=cfg["useconv"], droprate=cfg["droprate"])
-    return net, ConditionalEmbedding(cfg["num_classes"], cfg["cdim"], cfg["cdim"])
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float):
@@ -84,32 +80,21 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --fid_features '{args.fid_features}' (choose inception or classifier)")
 
 
-def latest_checkpoint(run_dir: str) -> str:
-    """The newest checkpoint of a run dir, as named by checkpoints/last_epoch.pt."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    marker = load_file(os.path.join(ckpt_dir, "last_epoch.pt"), "resume marker")
-    if not isinstance(marker, dict) or "last_epoch" not in marker:
-        raise UserError(f"{ckpt_dir}/last_epoch.pt is not a resume marker")
-    return os.path.join(ckpt_dir, marker.get("file", f"ckpt_{marker['last_epoch']}_checkpoint.pt"))
+def read_resume(args: argparse.Namespace) -> dict | None:
+    """With --path_resume: the run's own flags back into args, and its newest checkpoint."""
+    if not args.path_resume:
+        return None
+    if not os.path.isfile(os.path.join(args.path_resume, "config.json")):
+        raise UserError(f"--path_resume {args.path_resume} is not a run dir of this code (no config.json)")
+    saved = json.load(open(os.path.join(args.path_resume, "config.json")))
+    for key, value in saved.items():
+        if key not in RUNTIME_FLAGS and key in vars(args):
+            setattr(args, key, value)
+    return load_file(latest_checkpoint(args.path_resume))
 
 
-def main(args: argparse.Namespace) -> dict[str, nn.Module]:
-    """Train; returns this rank's final modules (net, cemblayer, ema) for callers such as tests."""
-    # --- distributed setup and the run config
-    d = setup_distributed(args.device)
-    resume = None
-    if args.path_resume:
-        if not os.path.isfile(os.path.join(args.path_resume, "config.json")):
-            raise UserError(f"--path_resume {args.path_resume} is not a run dir of this code (no config.json)")
-        saved = json.load(open(os.path.join(args.path_resume, "config.json")))
-        for key, value in saved.items():
-            if key not in RUNTIME_FLAGS and key in vars(args):
-                setattr(args, key, value)
-        resume = load_file(latest_checkpoint(args.path_resume))
-    validate(args)
-    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device)
-
-    # --- data: decoded once, kept as uint8 on the training device
+def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
+    """The dataset (decoded once, uint8) and the run config it completes; refuses what does not fit it."""
     try:
         data = load_dataset(args.dataset, "all", args.data_root, args.image_size, args.download,
                             args.tiny_imagenet_path, args.numworkers)
@@ -129,52 +114,99 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                         f"got clsnum {clsnum}, genbatch {args.genbatch}")
     cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
     cfg.update(inch=data.channels, outch=data.channels, image_size=data.size, num_classes=len(data.classes),
-               classes=data.classes, clsnum=clsnum, world_size=d.world, torch=str(torch.__version__))
-    protos = None
-    if args.mode != "regular" and resume is None:  # checked before anything is written
-        from prototypes import load_prototypes  # only the proto modes need the classifier code
-        protos, source = load_prototypes(args.path_proto)
-        if tuple(protos.shape) != (cfg["num_classes"], args.cdim):
-            raise UserError(f"prototypes in {args.path_proto} are {protos.shape[0]} x {protos.shape[1]} and do not fit "
-                            f"this run, which needs {cfg['num_classes']} classes (--dataset {args.dataset}) x "
-                            f"{args.cdim} (--cdim)")
-    # the uint8 images live on the GPU when they take under a quarter of its free memory
+               classes=data.classes, clsnum=clsnum, world_size=world, torch=str(torch.__version__))
+    return data, cfg
+
+
+def read_prototypes(args: argparse.Namespace, cfg: dict) -> tuple[torch.Tensor, str] | None:
+    """The class table a proto mode or control starts from (checked before anything is written)."""
+    if args.mode == "regular":
+        return None
+    from prototypes import load_prototypes  # only the proto modes need the classifier code
+    protos, source = load_prototypes(args.path_proto)
+    if tuple(protos.shape) != (cfg["num_classes"], args.cdim):
+        raise UserError(f"prototypes in {args.path_proto} are {protos.shape[0]} x {protos.shape[1]} and do not fit "
+                        f"this run, which needs {cfg['num_classes']} classes (--dataset {args.dataset}) x "
+                        f"{args.cdim} (--cdim)")
+    return protos, source
+
+
+def make_run_dir(args: argparse.Namespace, cfg: dict, d: Dist, fresh: bool) -> str:
+    """Rank 0 creates the run dir (or reuses --path_resume) and tells the others."""
+    run_dir = args.path_resume or args.run_dir or broadcast_object(
+        new_run_dir(args.results, args.mode, args.dataset) if d.is_main else None)
+    if d.is_main:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        if fresh:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+    return run_dir
+
+
+def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos: tuple | None, run_dir: str,
+                log: RunLog) -> nn.ModuleDict:
+    """net and cemblayer: the same init on every rank (DDP also broadcasts rank 0's), or the checkpoint's weights."""
+    seed_everything(args.seed)
+    if resume is not None:
+        net, cemblayer, _ = run_models(run_dir, resume)
+    else:
+        net, cemblayer = build_models(cfg)
+    if protos is not None:
+        table, source = protos
+        table = {"random_scaled": lambda: rows_with_norms_of(table, args.seed),
+                 "proto_shuffled": lambda: shuffled_rows(table, args.seed)}.get(args.mode, lambda: table)()
+        set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")
+        log.line(f"loaded prototypes from {args.path_proto}: {table.shape[0]} x {table.shape[1]} ({source}); "
+                 f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}")
+    elif args.mode in FROZEN:
+        cemblayer.table.requires_grad_(False)
+    return nn.ModuleDict({"net": net, "cemblayer": cemblayer})
+
+
+def restore(state: TrainState, resume: dict, args: argparse.Namespace, d: Dist, run_dir: str,
+            log: RunLog) -> tuple[int, int]:
+    """Optimizer, schedule, EMA and RNG states of the checkpoint; (epoch index, step inside it) to go on from."""
+    state.load_state_dict(resume)
+    start_epoch, skip = resume["epoch"], resume["step"]
+    if len(resume["rng"]) == d.world:
+        set_rng_state(resume["rng"][d.rank])
+    else:  # the data shards differ too, so the continuation is sound but not bit-identical
+        seed_everything((args.seed + 1 + start_epoch) * d.world + d.rank)
+        log.line(f"the checkpoint was written by {len(resume['rng'])} process(es), this run has {d.world}: "
+                 "continuing with fresh per-rank seeds (not bit-identical to an uninterrupted run)")
+    log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
+    return start_epoch, skip
+
+
+def main(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Train; returns this rank's final modules (net, cemblayer, ema) for callers such as tests."""
+    # --- setup and config: torchrun's process group, the run's flags (its own on resume), the speed settings
+    d = setup_distributed(args.device)
+    resume = read_resume(args)
+    validate(args)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device)
+
+    # --- data: uint8 images on the training device when they take under a quarter of its free memory
+    data, cfg = read_data(args, d.world)
+    protos = read_prototypes(args, cfg) if resume is None else None
     on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
     images = data.images.to(d.device) if on_device else data.images.pin_memory()
     labels = data.labels.to(d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
-
-    # --- run dir: rank 0 creates it and tells the others
-    run_dir = args.path_resume or args.run_dir or broadcast_object(
-        new_run_dir(args.results, args.mode, args.dataset) if d.is_main else None)
+    run_dir = make_run_dir(args, cfg, d, fresh=resume is None)
     log = RunLog(run_dir, d.is_main)
-    if d.is_main:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        if resume is None:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
 
-    # --- model, class table and EMA: the same init on every rank (DDP also broadcasts rank 0's weights)
-    seed_everything(args.seed)
-    net, cemblayer = build_models(cfg)
-    if protos is not None:
-        table = {"random_scaled": lambda: rows_with_norms_of(protos, args.seed),
-                 "proto_shuffled": lambda: shuffled_rows(protos, args.seed)}.get(args.mode, lambda: protos)()
-        set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")
-        log.line(f"loaded prototypes from {args.path_proto}: {protos.shape[0]} x {protos.shape[1]} ({source}); "
-                 f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}")
-    elif args.mode in FROZEN:
-        cemblayer.table.requires_grad_(False)
+    # --- models, EMA, optimizer (AdamW at the warm-up's peak, scaled per epoch by the schedule), diffusion
+    models = make_models(args, cfg, resume, protos, run_dir, log)
+    net, cemblayer = models["net"], models["cemblayer"]
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
-    models = nn.ModuleDict({"net": net, "cemblayer": cemblayer})
-    ema = EMA(models, args.ema_decay)
-
-    # --- optimizer and schedule: AdamW at the warm-up's peak, scaled per epoch by the schedule
-    optimizer = adamw([p for p in models.parameters() if p.requires_grad], args.lr * args.multiplier, args.weight_decay)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16)  # fp16 only; bf16 needs none
-    scheduler = make_lr_schedule(optimizer, args.epoch, args.multiplier)
+    optimizer = adamw([p for p in models.parameters() if p.requires_grad], args.lr * args.multiplier,
+                      args.weight_decay)
+    state = TrainState(models, EMA(models, args.ema_decay), optimizer,
+                       make_lr_schedule(optimizer, args.epoch, args.multiplier),
+                       torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16))  # fp16 only
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
 
     def batch_loss(unet: nn.Module, cemb_module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -185,34 +217,22 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             cemb = drop_condition(cemb_module(labels[idx]), args.threshold)
             return diffusion.train_loss(unet, x0, cemb)
 
+    net_fwd = net
     if fast.compile:  # before the DDP wrap; the probe batch has the training shape, so nothing recompiles later
         probe = torch.arange(args.batchsize, device=d.device) % len(labels)
         net_fwd = compile_or_eager(net, lambda m: batch_loss(m, cemblayer, probe), d.device, log.line)
-    else:
-        net_fwd = net
-    ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 else (lambda m: m)
+    ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 \
+        else (lambda m: m)
     net_ddp, cemb_ddp = ddp(net_fwd), ddp(cemblayer)
+
+    # --- resume: optimizer, schedule, EMA, RNG and the position in the data
     start_epoch, skip = 0, 0
     if resume is not None:
-        net.load_state_dict(resume["net"])
-        cemblayer.load_state_dict(resume["cemblayer"])
-        ema.module["net"].load_state_dict(resume["ema"]["net"])
-        ema.module["cemblayer"].load_state_dict(resume["ema"]["cemblayer"])
-        ema.updates = resume["ema"]["updates"]
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        scheduler.load_state_dict(resume["scheduler"])
-        start_epoch, skip = resume["epoch"], resume["step"]
-        if len(resume["rng"]) == d.world:
-            set_rng_state(resume["rng"][d.rank])
-        else:  # the data shards differ too, so the continuation is sound but not bit-identical
-            seed_everything((args.seed + 1 + start_epoch) * d.world + d.rank)
-            log.line(f"the checkpoint was written by {len(resume['rng'])} process(es), this run has {d.world}: "
-                     "continuing with fresh per-rank seeds (not bit-identical to an uninterrupted run)")
-        log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
+        start_epoch, skip = restore(state, resume, args, d, run_dir, log)
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
     evaluator = make_evaluator(args, cfg, diffusion, d, fast) if args.fid_every else None
+    grids = Sampler.from_args(args, fast=fast)
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
@@ -221,20 +241,22 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     stop = StopSignal()
     first_bad = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with a non-finite loss
     step = start_epoch * len(batches) + skip
-    checkpoint = lambda epoch, done: save_checkpoint(run_dir, epoch, done, len(batches), models, ema, optimizer,
-                                                     scheduler, scaler, cfg, d.world, args.keep_last)  # noqa: E731
+
+    def checkpoint(epoch: int, done: int) -> str:
+        return save_checkpoint(run_dir, state, epoch, done, len(batches), cfg, d.world, args.keep_last)
+
     for epoch in range(start_epoch, args.epoch):
-        models.train()  # enables dropout; label dropout for CFG is drop_condition below
-        t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
+        models.train()  # enables dropout; label dropout for CFG is drop_condition in batch_loss
+        t0, loss_sum, n_sum, stopped = time.time(), torch.zeros((), device=d.device), 0, False
         bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i, idx in enumerate(bar, start=skip):
             loss = batch_loss(net_ddp, cemb_ddp, idx.to(d.device))  # one copy of the indices per step
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            ema.update(models)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(optimizer)
+            state.scaler.update()
+            state.ema.update(models)
             step += 1
             loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
@@ -252,38 +274,35 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
-            if stop.agreed(d.world, d.control) or step == args.max_steps:
-                bar.close()
-                check_finite(first_bad, len(batches))
-                path = checkpoint(epoch, i + 1)
-                why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
-                    else f"--max_steps {args.max_steps}"
-                log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {path}; resume with: "
-                         f"python train.py --path_resume {run_dir}")
-                stop.restore()
-                teardown_distributed()
-                return {"net": net, "cemblayer": cemblayer, "ema": ema.module}
+            stopped = stop.agreed(d.world, d.control) or step == args.max_steps
+            if stopped:
+                break
         bar.close()
-        skip = 0
         check_finite(first_bad, len(batches))
-        log.line(f"epoch {epoch + 1}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")
-        scheduler.step()
-        last = epoch + 1 == args.epoch
-        if d.is_main and ((epoch + 1) % args.sample_every == 0 or last):
-            with fast.autocast(d.device):
-                path = sample_grid(diffusion, ema.module, cfg, args, epoch + 1, run_dir, d.device)
-            log.line(f"sample grid (EMA weights) -> {path}")
-        if evaluator is not None and ((epoch + 1) % args.fid_every == 0 or last):
-            result = evaluator(ema.module)
-            log.record(event="fid", epoch=epoch + 1, step=step, **result)
-            log.line(f"epoch {epoch + 1}: {result['metric']} {result['value']:.4f}" +
+        if stopped:
+            why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
+                else f"--max_steps {args.max_steps}"
+            log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {checkpoint(epoch, i + 1)}; "
+                     f"resume with: python train.py --path_resume {run_dir}")
+            break
+        skip, done, last = 0, epoch + 1, epoch + 1 == args.epoch
+        log.line(f"epoch {done}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")
+        state.scheduler.step()
+        if d.is_main and (done % args.sample_every == 0 or last):
+            grid = os.path.join(run_dir, "samples", f"grid_{done}.png")
+            log.line(f"sample grid (EMA weights) -> {sample_grid(diffusion, state.ema.module, cfg, grids, grid)}")
+        if evaluator is not None and (done % args.fid_every == 0 or last):
+            result = evaluator(state.ema.module)
+            log.record(event="fid", epoch=done, step=step, **result)
+            log.line(f"epoch {done}: {result['metric']} {result['value']:.4f}" +
                      (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
-        if (epoch + 1) % args.interval == 0 or last:
-            log.line(f"checkpoint -> {checkpoint(epoch + 1, 0)}")
+        if done % args.interval == 0 or last:
+            log.line(f"checkpoint -> {checkpoint(done, 0)}")
 
+    # --- teardown
     stop.restore()
     teardown_distributed()
-    return {"net": net, "cemblayer": cemblayer, "ema": ema.module}
+    return {"net": net, "cemblayer": cemblayer, "ema": state.ema.module}
 
 
 def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
@@ -292,92 +311,6 @@ def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
     if bad >= 0:
         raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
                         "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
-
-
-def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d, fast):
-    """A function EMA models -> FID record, sampling --fid_num images split across ranks (sample.py's evaluate)."""
-    from sample import evaluate, image_labels, reference_path  # only runs with --fid_every need the metrics code
-
-    path = args.eval_classifier or args.path_proto
-    classifier = None
-    if path:
-        from prototypes import load_classifier
-        classifier = load_classifier(path).to(d.device)
-    ref = reference_path(cfg, args.fid_features, args.data_root, path)
-    labels = image_labels(args.fid_num, cfg["num_classes"], "range", args.seed)
-    steps = args.num_steps if args.ddim else args.T
-
-    def run(models: nn.Module) -> dict:
-        r = evaluate(diffusion, models["net"], models["cemblayer"], cfg, labels, args.fid_features, classifier, ref,
-                     args.data_root, args.seed, args.genbatch, args.ddim, args.num_steps, args.eta, args.select,
-                     args.w, d.rank, d.world, fast=fast)
-        out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
-               "sampler": "ddim" if args.ddim else "ddpm", "steps": steps, "w": args.w, "weights": "ema",
-               "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
-               else f"classifier {os.path.abspath(path)}"}
-        if "class_accuracy" in r:
-            out["class_accuracy"] = r["class_accuracy"]
-        return out
-    return run
-
-
-@torch.no_grad()
-def sample_grid(diffusion: GaussianDiffusion, models: nn.Module, cfg: dict, args: argparse.Namespace, epoch: int,
-                run_dir: str, device: torch.device) -> str:
-    """A class-per-row grid from fixed seeds, so grids of successive epochs are comparable."""
-    per_class = args.genbatch // cfg["clsnum"]
-    labels = class_grid_labels(cfg["clsnum"], per_class).to(device)
-    cemb = models["cemblayer"](labels)
-    shape = (len(labels), cfg["inch"], cfg["image_size"], cfg["image_size"])
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.ddim:
-        x = diffusion.ddim_sample(models["net"], cemb, shape, args.num_steps, args.eta, args.select, args.w, gen)
-    else:
-        x = diffusion.sample(models["net"], cemb, shape, args.w, gen)
-    path = os.path.join(run_dir, "samples", f"grid_{epoch}.png")
-    save_grid(to_uint8(x), per_class, path)
-    return path
-
-
-def save_checkpoint(run_dir: str, epoch: int, step: int, steps_per_epoch: int, models: nn.ModuleDict, ema: EMA,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler, cfg: dict, world: int,
-                    keep_last: int) -> str:
-    """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
-
-    Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
-    last_epoch.pt names the newest and is replaced only after it is safely on disk. Every rank hands in its
-    RNG state, so a resumed run continues bit for bit.
-    """
-    states = [None] * world
-    if world > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    global_step = epoch * steps_per_epoch + step
-    name = f"ckpt_{epoch}_checkpoint.pt" if step == 0 else f"step_{global_step}_checkpoint.pt"
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if int(os.environ.get("RANK", 0)) != 0:
-        return os.path.join(ckpt_dir, name)
-    ckpt = {"net": models["net"].state_dict(), "cemblayer": models["cemblayer"].state_dict(),
-            "ema": {"net": ema.module["net"].state_dict(), "cemblayer": ema.module["cemblayer"].state_dict(),
-                    "updates": ema.updates},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step,
-            "global_step": global_step, "rng": states, "config": cfg}
-    try:
-        save_atomic(ckpt, os.path.join(ckpt_dir, name))
-        save_atomic({"last_epoch": epoch, "file": name}, os.path.join(ckpt_dir, "last_epoch.pt"))
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {os.path.join(ckpt_dir, name)} ({e.strerror or e}); the "
-                        "checkpoints already on disk are unchanged") from None
-    if keep_last > 0:
-        def global_step_of(f: str) -> int:
-            kind, number = f.split("_")[:2]
-            return int(number) * steps_per_epoch if kind == "ckpt" else int(number)
-        saved = sorted((f for f in os.listdir(ckpt_dir) if f.endswith("_checkpoint.pt")), key=global_step_of)
-        for old in saved[:-keep_last]:
-            os.remove(os.path.join(ckpt_dir, old))
-    return os.path.join(ckpt_dir, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from checkpoints import save_atomic
 from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18
-from runtime import (UserError, run_cli, save_atomic, seed_everything, setup_distributed, str2bool,
-                     teardown_distributed)
+from runtime import UserError, run_cli, seed_everything, setup_distributed, str2bool, teardown_distributed
 
 
 def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:

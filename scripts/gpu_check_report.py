@@ -3,6 +3,7 @@
     python scripts/gpu_check_report.py random-run WORK --modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32
     python scripts/gpu_check_report.py report OUT_DIR WORK GENUM
 """
+import argparse
 import json
 import math
 import os
@@ -13,7 +14,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+from checkpoints import build_models  # noqa: E402
+from runtime import int_list  # noqa: E402
 
 
 def random_run(work: str, flags: list[str]) -> None:
@@ -21,10 +23,16 @@ def random_run(work: str, flags: list[str]) -> None:
     WORK/random_inception.pth, random weights in pytorch-fid's layout, so FID runs offline, and a random
     prototype classifier. Sampling costs the same whatever the weights; reference statistics come from digits."""
     from pytorch_fid import inception as pf_inception
-    args = train.build_parser().parse_args(["--dataset", "digits", "--data_root", os.path.join(work, "data")] + flags)
-    cfg = dict(vars(args), inch=3, outch=3, num_classes=10, classes=[str(i) for i in range(10)], clsnum=10)
+    p = argparse.ArgumentParser()
+    for flag in ("--modch", "--numres", "--image_size"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--chmul", type=int_list, required=True)
+    args = p.parse_args(flags)
+    cfg = dict(vars(args), inch=3, outch=3, cdim=128, useconv=True, droprate=0.1, T=1000, schedule="linear", v=1.0,
+               w=1.8, dataset="digits", data_root=os.path.join(work, "data"), tiny_imagenet_path=None,
+               num_classes=10, classes=[str(i) for i in range(10)], clsnum=10)
     torch.manual_seed(0)
-    net, cemb = train.build_models(cfg)
+    net, cemb = build_models(cfg)
     run = os.path.join(work, "random_run")
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
     with open(os.path.join(run, "config.json"), "w") as f:
@@ -36,9 +44,9 @@ def random_run(work: str, flags: list[str]) -> None:
         inception = pf_inception.fid_inception_v3()
     torch.save(inception.state_dict(), os.path.join(work, "random_inception.pth"))
     from prototypes import FORMAT, PrototypeClassifier  # proto-FID features for the CPU plumbing check
-    clf = PrototypeClassifier(10, args.cdim)
+    clf = PrototypeClassifier(10, cfg["cdim"])
     torch.save({"format": FORMAT, "prototypes": clf.prototypes, "classifier": clf.state_dict(),
-                "config": {"cdim": args.cdim, "scale": 2.0}, "classes": cfg["classes"]}, os.path.join(work, "random_classifier.pt"))
+                "config": {"cdim": cfg["cdim"], "scale": 2.0}, "classes": cfg["classes"]}, os.path.join(work, "random_classifier.pt"))
 
 
 def read(path: str) -> str:

@@ -10,7 +10,8 @@ from conftest import TINY
 import train
 from diffusion import GaussianDiffusion, linear_betas
 from runtime import adamw
-from sample import generate
+from checkpoints import build_models
+from evaluate import Sampler, generate
 from unet import Unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,7 +93,7 @@ def test_a_compiled_bf16_cuda_run_loads_strict_into_a_plain_cpu_model(tmp_path):
                                                        "--compile", "True", "--run_dir", str(run)]))
     ckpt = torch.load(glob.glob(os.path.join(run, "checkpoints", "ckpt_1_checkpoint.pt"))[0], map_location="cpu",
                       weights_only=True)
-    net, cemb = train.build_models(ckpt["config"])
+    net, cemb = build_models(ckpt["config"])
     net.load_state_dict(ckpt["net"], strict=True)
     net.load_state_dict(ckpt["ema"]["net"], strict=True)
     cemb.load_state_dict(ckpt["cemblayer"], strict=True)
@@ -109,8 +110,9 @@ def test_per_image_seeds_give_the_same_images_for_two_batch_sizes_on_cuda():
     labels = torch.arange(24) % 10
 
     def images(batch: int) -> torch.Tensor:
-        return torch.cat([u8 for _, u8 in generate(diff, net, cemb, list(range(24)), labels, (1, 16, 16), 5, batch,
-                                                   True, 10, 1.0, "linear", 1.8)]).cpu().int()
+        sampler = Sampler(ddim=True, num_steps=10, eta=1.0, select="linear", w=1.8, batch=batch, seed=5)
+        return torch.cat([u8 for _, u8 in generate(diff, net, cemb, list(range(24)), labels, (1, 16, 16),
+                                                   sampler)]).cpu().int()
 
     a, b = images(24), images(5)
     same = (a == b).float().mean().item()

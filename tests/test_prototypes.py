@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, run_env
 
 import train
+from checkpoints import build_models
 from prototypes import PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18, load_classifier, load_prototypes
 from runtime import UserError
 
@@ -59,7 +60,7 @@ def tiny_main(args, extra):
 
 def initial_models(cdim=128):
     torch.manual_seed(0)
-    return train.build_models({"inch": 1, "outch": 1, "modch": 32, "chmul": [1, 2], "numres": 1, "cdim": cdim,
+    return build_models({"inch": 1, "outch": 1, "modch": 32, "chmul": [1, 2], "numres": 1, "cdim": cdim,
                                "useconv": True, "droprate": 0.1, "num_classes": 10})
 
 

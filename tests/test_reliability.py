@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, TINY, run_env
 
+import checkpoints
 import train
 from runtime import UserError
 
@@ -94,7 +95,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_save = train.save_atomic
+    real_save = checkpoints.save_atomic
 
     def failing(obj, path):
         if "ckpt_2" in path:
@@ -104,7 +105,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
             raise OSError(28, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(train, "save_atomic", failing)
+    monkeypatch.setattr(checkpoints, "save_atomic", failing)
     with pytest.raises(UserError, match="could not write checkpoint .*ckpt_2.*No space left"):
         main(TINY + ["--epoch", "2", "--interval", "1", "--run_dir", str(run)])
     files = sorted(os.listdir(run / "checkpoints"))

@@ -9,6 +9,7 @@ import torch
 from conftest import TINY
 
 import train
+from checkpoints import build_models
 from diffusion import GaussianDiffusion, linear_betas
 from runtime import adamw, resolve_fast_path
 from unet import Unet
@@ -65,7 +66,7 @@ def test_a_compiled_run_saves_plain_weights(tmp_path, monkeypatch):
     train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True", "--run_dir", str(run)]))
     ckpt = torch.load(glob.glob(os.path.join(run, "checkpoints", "ckpt_1_checkpoint.pt"))[0], weights_only=True)
     assert not [k for k in ckpt["net"] if k.startswith(("_orig_mod.", "module."))]
-    net, cemb = train.build_models(ckpt["config"])
+    net, cemb = build_models(ckpt["config"])
     net.load_state_dict(ckpt["net"], strict=True)
     net.load_state_dict(ckpt["ema"]["net"], strict=True)
     cemb.load_state_dict(ckpt["cemblayer"], strict=True)

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import ROOT, run_env
 
 import train
+from checkpoints import build_models
 
 
 def run(args, **kw):
@@ -43,7 +44,7 @@ def test_one_process_run_writes_config_metrics_grids_and_checkpoints(tmp_path, t
     assert torch.load(os.path.join(ckpt_dir, "last_epoch.pt"), weights_only=True) == {"last_epoch": 2, "file": "ckpt_2_checkpoint.pt"}
     ckpt = torch.load(os.path.join(ckpt_dir, "ckpt_2_checkpoint.pt"), weights_only=True)
     assert {"net", "cemblayer", "ema", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
-    net, cemb = train.build_models(ckpt["config"])
+    net, cemb = build_models(ckpt["config"])
     net.load_state_dict(ckpt["ema"]["net"], strict=True)
     cemb.load_state_dict(ckpt["cemblayer"], strict=True)
     assert os.path.exists(os.path.join(ckpt_dir, "ckpt_1_checkpoint.pt"))

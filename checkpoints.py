@@ -1,0 +1,212 @@
+"""Run dirs and checkpoint files: where a run lives on disk, what a checkpoint holds, how its models come back.
+
+A run dir holds `config.json`, `log.txt`, `metrics.jsonl`, `samples/` and `checkpoints/ckpt_{epoch}_checkpoint.pt`
+(the original's name) or `step_{global step}_checkpoint.pt`, plus `last_epoch.pt`, which names the newest.
+The original code's run dirs (`params.txt` + its checkpoints) are read too.
+"""
+import glob
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ema import EMA
+from embedding import ConditionalEmbedding
+from runtime import UserError
+from unet import Unet
+
+NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
+
+
+def new_run_dir(results: str, mode: str, dataset: str) -> str:
+    """results/{mode}/{dataset}/{timestamp}, with a numeric suffix if that name is taken; created empty."""
+    base = os.path.join(results, mode, dataset, time.strftime("%Y-%m-%d_%H-%M-%S"))
+    path, k = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            path, k = f"{base}-{k}", k + 1
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path: str, what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True) on CPU; a missing, truncated or foreign file becomes a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {what} {path}: it is truncated, corrupt or not a weights-only torch file "
+                        f"({first})") from None
+
+
+def rng_state() -> dict:
+    """All global RNG states, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_models(cfg: dict) -> tuple[Unet, ConditionalEmbedding]:
+    """The UNet and the class embedding described by a run config (freshly initialised)."""
+    net = Unet(in_ch=cfg["inch"], mod_ch=cfg["modch"], out_ch=cfg["outch"], ch_mul=cfg["chmul"],
+               num_res_blocks=cfg["numres"], cdim=cfg["cdim"], use_conv=cfg["useconv"], droprate=cfg["droprate"])
+    return net, ConditionalEmbedding(cfg["num_classes"], cfg["cdim"], cfg["cdim"])
+
+
+def original_config(path: str, state: dict) -> dict:
+    """A run config from the original code's params.txt (`key: value` lines) and its checkpoint's shapes."""
+    raw = dict(line.rstrip("\n").split(":", 1) for line in open(path) if ":" in line)
+    raw = {k.strip(): v.strip() for k, v in raw.items()}
+    dataset = raw.get("dataset", "cifar10")
+    size = int(raw.get("image_size", -1))
+    return {"inch": int(raw["inch"]), "outch": int(raw["outch"]), "modch": int(raw["modch"]),
+            "chmul": [int(m) for m in re.findall(r"\d+", raw["chmul"])], "numres": int(raw["numres"]),
+            "cdim": int(raw["cdim"]), "useconv": raw.get("useconv", "True") == "True",
+            "droprate": float(raw.get("droprate", 0.1)), "T": int(raw.get("T", 1000)), "schedule": "linear",
+            "v": 1.0, "w": float(raw.get("w", 1.8)), "dataset": dataset,
+            "image_size": size if size > 0 else NATIVE_SIZE.get(dataset, 32),
+            "num_classes": state["cemblayer"]["condEmbedding.0.weight"].shape[0],
+            "tiny_imagenet_path": raw.get("tiny_imagenet_path") if raw.get("tiny_imagenet_path") != "None" else None}
+
+
+def run_models(run_dir: str, state: dict, weights: str = "raw") -> tuple[Unet, ConditionalEmbedding, dict]:
+    """(net, cemblayer, config) of any run dir, ours (config.json) or the original's (params.txt), holding a
+    checkpoint's raw or EMA weights; resume and sampling both rebuild models through here."""
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
+        cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    elif os.path.isfile(os.path.join(run_dir, "params.txt")):
+        cfg = original_config(os.path.join(run_dir, "params.txt"), state)
+    else:
+        raise UserError(f"{run_dir} has neither config.json (this code) nor params.txt (the original code)")
+    source = state["ema"] if weights == "ema" else state
+    net, cemblayer = build_models(cfg)
+    net.load_state_dict(source["net"])
+    cemblayer.load_state_dict(source["cemblayer"])
+    return net, cemblayer, cfg
+
+
+def load_run(path: str, epoch: int, weights: str | None) -> tuple[Unet, ConditionalEmbedding, dict, str]:
+    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
+    ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
+    if not os.path.isdir(path):
+        raise UserError(f"--path {path} is not a directory")
+    if not os.path.isfile(ckpt_path):
+        found = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
+                       if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
+        raise UserError(f"no checkpoint for epoch {epoch} in {path}/checkpoints; saved epochs: "
+                        f"{', '.join(map(str, found)) or 'none'}")
+    state = load_file(ckpt_path)
+    if weights is None:
+        weights = "ema" if "ema" in state else "raw"
+    if weights == "ema" and "ema" not in state:
+        raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none); use --weights raw")
+    net, cemblayer, cfg = run_models(path, state, weights)
+    return net.eval(), cemblayer.eval(), cfg, weights
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the position in the data and the RNG states."""
+    models: nn.ModuleDict  # "net" and "cemblayer", the plain modules (never the compiled or DDP wrappers)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict:
+        """The original's `net` and `cemblayer` keys, then ours."""
+        m, e = self.models, self.ema.module
+        return {"net": m["net"].state_dict(), "cemblayer": m["cemblayer"].state_dict(),
+                "ema": {"net": e["net"].state_dict(), "cemblayer": e["cemblayer"].state_dict(),
+                        "updates": self.ema.updates},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Everything but the models' live weights (run_models loads those before the optimizer is built)."""
+        self.ema.module["net"].load_state_dict(ckpt["ema"]["net"])
+        self.ema.module["cemblayer"].load_state_dict(ckpt["ema"]["cemblayer"])
+        self.ema.updates = ckpt["ema"]["updates"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint of a run dir, as named by checkpoints/last_epoch.pt."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    marker = load_file(os.path.join(ckpt_dir, "last_epoch.pt"), "resume marker")
+    if not isinstance(marker, dict) or "last_epoch" not in marker:
+        raise UserError(f"{ckpt_dir}/last_epoch.pt is not a resume marker")
+    return os.path.join(ckpt_dir, marker.get("file", f"ckpt_{marker['last_epoch']}_checkpoint.pt"))
+
+
+def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, steps_per_epoch: int, cfg: dict,
+                    world: int, keep_last: int) -> str:
+    """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
+
+    Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
+    last_epoch.pt names the newest and is replaced only after it is safely on disk. Every rank hands in its
+    RNG state, so a resumed run continues bit for bit.
+    """
+    states = [None] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    global_step = epoch * steps_per_epoch + step
+    name = f"ckpt_{epoch}_checkpoint.pt" if step == 0 else f"step_{global_step}_checkpoint.pt"
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return os.path.join(ckpt_dir, name)
+    ckpt = dict(state.state_dict(), epoch=epoch, step=step, global_step=global_step, rng=states, config=cfg)
+    try:
+        save_atomic(ckpt, os.path.join(ckpt_dir, name))
+        save_atomic({"last_epoch": epoch, "file": name}, os.path.join(ckpt_dir, "last_epoch.pt"))
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {os.path.join(ckpt_dir, name)} ({e.strerror or e}); the "
+                        "checkpoints already on disk are unchanged") from None
+    if keep_last > 0:
+        def global_step_of(f: str) -> int:
+            kind, number = f.split("_")[:2]
+            return int(number) * steps_per_epoch if kind == "ckpt" else int(number)
+        saved = sorted((f for f in os.listdir(ckpt_dir) if f.endswith("_checkpoint.pt")), key=global_step_of)
+        for old in saved[:-keep_last]:
+            os.remove(os.path.join(ckpt_dir, old))
+    return os.path.join(ckpt_dir, name)
