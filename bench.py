@@ -8,7 +8,6 @@ printed on its own line and not counted. On CUDA, FLOPs come from torch's FlopCo
 """
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -18,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion import GaussianDiffusion, drop_condition, linear_betas
 from ema import EMA
 from embedding import ConditionalEmbedding
-from runtime import FastPath, adamw, compile_or_eager, int_list, resolve_fast_path, str2bool
-from unet import Unet
+from runtime import (FastPath, UserError, adamw, at_least, check_flags, compile_or_eager, int_list, resolve_fast_path,
+                     run_cli, str2bool)
+from unet import Unet, check_unet_config
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets
 
@@ -29,11 +29,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS so far."""
+def peak_memory_gb(device: torch.device) -> float | None:
+    """CUDA: peak allocated since the row's reset. CPU: None, since the only peak there is the whole process's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return None
 
 
 def use_tf32(device: torch.device, fast: FastPath | None) -> None:
@@ -144,7 +144,20 @@ def train_flops(args: argparse.Namespace, device: torch.device) -> float:
     return counter.get_total_flops()
 
 
+FLAG_RULES = {
+    **{flag: at_least(1) for flag in ("inch", "modch", "numres", "cdim", "classes", "image_size", "batchsize",
+                                      "num_steps", "sample_timed_steps", "steps")},
+    **{flag: at_least(0) for flag in ("warmup", "sample_batch")},
+}
+
+
 def main(args: argparse.Namespace) -> None:
+    """Time every row and print the table (or one JSON line)."""
+    check_flags(args, FLAG_RULES)
+    try:
+        check_unet_config(args.modch, args.chmul, args.image_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -172,7 +185,8 @@ def main(args: argparse.Namespace) -> None:
         if flops and label.startswith("train"):
             tflops = flops / r["s_per_step"] / 1e12
             extra = f", {tflops:.1f} TFLOP/s" + (f" ({100 * tflops / peak:.1f}% of bf16 peak)" if peak else "")
-        print(f"{label:<90} {r['img_per_s']:9.2f} img/s  peak mem {r['peak_mem_gb']:.2f} GiB{extra}")
+        mem = f"  peak mem {r['peak_mem_gb']:.2f} GiB" if r["peak_mem_gb"] is not None else ""
+        print(f"{label:<90} {r['img_per_s']:9.2f} img/s{mem}{extra}")
     opt_row = rows[train_rows[1]]
     print(f"optimised training, not counted above: compilation {opt_row['compile_s']:.1f} s, first step "
           f"{opt_row['first_step_s']:.1f} s")
@@ -201,4 +215,4 @@ if __name__ == "__main__":
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--json", type=str2bool, nargs="?", const=True, default=False,
                    help="print one JSON line instead of the table (--json alone means True)")
-    main(p.parse_args())
+    run_cli(main, p)

@@ -149,9 +149,22 @@ def _image_folder(folder: str, size: int, workers: int, cache_dir: str) -> Image
     return data
 
 
-def _tiny_val(folder: str, size: int, workers: int) -> ImageData:
+def _tiny_folders(path: str) -> tuple[str, str]:
+    """(train folder, dataset root) from --tiny_imagenet_path: the root holding train/ (and val/), or, as the
+    original code took it, the train folder of class folders itself (its parent then holds val/)."""
+    if os.path.isdir(os.path.join(path, "train")):
+        return os.path.join(path, "train"), path
+    if os.path.isdir(path) and any(entry.is_dir() for entry in os.scandir(path)):
+        return path, os.path.dirname(os.path.abspath(path))
+    raise DatasetError(f"tiny-imagenet not found: looked for {os.path.abspath(path)}/train/ (the unzipped "
+                       f"tiny-imagenet-200 folder) and for class folders in {os.path.abspath(path)} (its train/ "
+                       "folder, as the original code took it); download http://cs231n.stanford.edu/tiny-imagenet-200.zip "
+                       "and unzip it there (or pass --tiny_imagenet_path)")
+
+
+def _tiny_val(train_dir: str, folder: str, size: int, workers: int) -> ImageData:
     """Tiny ImageNet's val/ split: images/ plus val_annotations.txt (file, wnid, box)."""
-    train = torchvision.datasets.ImageFolder(os.path.join(folder, "train"))
+    train = torchvision.datasets.ImageFolder(train_dir)
     ann = os.path.join(folder, "val", "val_annotations.txt")
     if not os.path.exists(ann):
         raise DatasetError(f"{ann} not found; tiny-imagenet's test split is val/ with its val_annotations.txt")
@@ -177,14 +190,10 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
     elif name == "stl10":
         data = _stl10(data_root, split, download)
     elif name == "tiny-imagenet":
-        folder = tiny_imagenet_path or os.path.join(data_root, "tiny-imagenet-200")
-        if not os.path.isdir(os.path.join(folder, "train")):
-            raise DatasetError(f"tiny-imagenet not found: {os.path.abspath(folder)}/train does not exist; download "
-                               "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it there "
-                               "(or pass --tiny_imagenet_path)")
+        train_dir, folder = _tiny_folders(tiny_imagenet_path or os.path.join(data_root, "tiny-imagenet-200"))
         if split == "test":
-            return _tiny_val(folder, image_size, workers)
-        data = _image_folder(os.path.join(folder, "train"), image_size, workers, cache_dir)
+            return _tiny_val(train_dir, folder, image_size, workers)
+        data = _image_folder(train_dir, image_size, workers, cache_dir)
     else:
         if split == "test":
             raise DatasetError("imagefolder has no test split")

@@ -2,6 +2,7 @@
 signals and the run log. Run dirs and checkpoint files live in checkpoints.py."""
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -36,6 +37,47 @@ def int_list(s: str) -> list[int]:
         return [int(p) for p in s.strip("[]() ").replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 1,2,4,4, got '{s}'") from None
+
+
+Rule = tuple[Callable[[Any], bool], str]  # a flag's test and the valid values in words, for the error line
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def finite() -> Rule:
+    return _finite, "a finite number"
+
+
+def at_least(lo: float) -> Rule:
+    return (lambda v: _finite(v) and v >= lo), f">= {lo}"
+
+
+def above(lo: float) -> Rule:
+    return (lambda v: _finite(v) and v > lo), f"> {lo}"
+
+
+def between(lo: float, hi: float, below_hi: bool = False) -> Rule:
+    """[lo, hi], or [lo, hi) with below_hi."""
+    if below_hi:
+        return (lambda v: _finite(v) and lo <= v < hi), f"in [{lo}, {hi})"
+    return (lambda v: _finite(v) and lo <= v <= hi), f"in [{lo}, {hi}]"
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+NATIVE_OR_SIZE: Rule = (lambda v: v == -1 or (_finite(v) and v >= 1)), "-1 (native size) or >= 1"
+
+
+def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
+    """Refuse the first flag outside its valid values, naming the flag and the values (nan and inf never pass)."""
+    for flag, (ok, valid) in rules.items():
+        value = getattr(args, flag)
+        if not ok(value):
+            raise UserError(f"--{flag} must be {valid}; got {value}")
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:

@@ -27,9 +27,9 @@ from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
 from embedding import rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (Dist, RunLog, StopSignal, UserError, adamw, broadcast_object, compile_or_eager,
-                     int_list, resolve_fast_path, run_cli, seed_everything, setup_distributed, str2bool,
-                     teardown_distributed)
+from runtime import (Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between, broadcast_object,
+                     NATIVE_OR_SIZE, check_flags, compile_or_eager, finite, int_list, one_of, resolve_fast_path, run_cli, seed_everything,
+                     setup_distributed, str2bool, teardown_distributed)
 from unet import check_unet_config
 
 
@@ -39,6 +39,19 @@ MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_sh
 FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
+
+
+FLAG_RULES = {
+    **{flag: at_least(1) for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T",
+                                      "modch", "cdim", "numres")},
+    **{flag: at_least(0) for flag in ("max_steps", "keep_last", "fid_every", "weight_decay", "eta")},
+    "fid_num": at_least(2),  # a covariance needs two images
+    "image_size": NATIVE_OR_SIZE,
+    "lr": above(0), "multiplier": at_least(1),  # the warm-up starts at lr and rises to lr x multiplier
+    "threshold": between(0, 1), "droprate": between(0, 1, below_hi=True), "ema_decay": between(0, 1),
+    "low_t_frac": between(0, 1), "v": between(0, 1), "w": finite(),
+    "schedule": one_of("linear", "cosine"), "select": one_of("linear", "quadratic"),
+}
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float):
@@ -55,7 +68,8 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: 
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Refuse flag combinations that cannot work, before any data is touched."""
+    """Refuse flag values and combinations that cannot work, before any data is touched or file written."""
+    check_flags(args, FLAG_RULES)
     if args.mode not in MODES:
         raise UserError(f"unknown --mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.mode != "regular" and not args.path_proto:
@@ -67,9 +81,6 @@ def validate(args: argparse.Namespace) -> None:
         check_unet_config(args.modch, args.chmul)
     except ValueError as e:
         raise UserError(str(e)) from None
-    for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
     if args.run_dir and not args.path_resume and os.path.exists(args.run_dir):
         raise UserError(f"--run_dir {args.run_dir} already exists; pick a new one or continue it with --path_resume")
     if args.ddim and not 2 <= args.num_steps <= args.T:
@@ -247,7 +258,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is drop_condition in batch_loss
-        t0, loss_sum, n_sum, stopped = time.time(), torch.zeros((), device=d.device), 0, False
+        window, whole_epoch, stopped = LossMeter(d.device), LossMeter(d.device), False
         bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i, idx in enumerate(bar, start=skip):
@@ -260,20 +271,15 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             step += 1
             loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss
-            n_sum += 1
+            window.add(loss)
+            whole_epoch.add(loss)
             if step % args.log_every == 0:
                 check_finite(first_bad, len(batches))  # reading the device is the sync point of the loop
-                mean_loss = loss_sum / n_sum
-                if d.world > 1:
-                    dist.all_reduce(mean_loss)
-                    mean_loss /= d.world
-                mean_loss = mean_loss.item()
-                rate = n_sum * args.batchsize * d.world / (time.time() - t0)
+                mean_loss, rate = window.read(d.world, args.batchsize)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
-                t0, loss_sum, n_sum = time.time(), torch.zeros((), device=d.device), 0
+                window = LossMeter(d.device)
             stopped = stop.agreed(d.world, d.control) or step == args.max_steps
             if stopped:
                 break
@@ -286,6 +292,10 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                      f"resume with: python train.py --path_resume {run_dir}")
             break
         skip, done, last = 0, epoch + 1, epoch + 1 == args.epoch
+        if whole_epoch.n:  # the epoch's mean loss on disk even when --log_every was never reached
+            mean_loss, rate = whole_epoch.read(d.world, args.batchsize)
+            log.record(event="epoch", epoch=done, step=step, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                       img_per_s=rate, steps=whole_epoch.n)
         log.line(f"epoch {done}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")
         state.scheduler.step()
         if d.is_main and (done % args.sample_every == 0 or last):
@@ -303,6 +313,25 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     stop.restore()
     teardown_distributed()
     return {"net": net, "cemblayer": cemblayer, "ema": state.ema.module}
+
+
+class LossMeter:
+    """Losses summed on the device, so a step costs no sync; read() syncs once and averages over all ranks."""
+
+    def __init__(self, device: torch.device):
+        self.t0, self.sum, self.n = time.time(), torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.n += 1
+
+    def read(self, world: int, batchsize: int) -> tuple[float, float]:
+        """(mean loss over the steps and ranks, images per second since the meter started)."""
+        mean = self.sum / self.n
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        return mean.item(), self.n * batchsize * world / (time.time() - self.t0)
 
 
 def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
@@ -353,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default="datasets", help="folder holding the datasets (imagefolder: the folder "
                    "of class folders itself)")
     p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
-    p.add_argument("--tiny_imagenet_path", default=None, help="tiny-imagenet-200 folder (default DATA_ROOT/tiny-imagenet-200)")
+    p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder, or its train/ "
+                   "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
     p.add_argument("--path_resume", default=None, help="run dir to continue, bit for bit, from its newest checkpoint")
     p.add_argument("--run_dir", default=None, help="run dir to create (default RESULTS/{mode}/{dataset}/{timestamp}); "
                    "must not exist yet")

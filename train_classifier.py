@@ -16,7 +16,8 @@ from tqdm import tqdm
 from checkpoints import save_atomic
 from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18
-from runtime import UserError, run_cli, seed_everything, setup_distributed, str2bool, teardown_distributed
+from runtime import (NATIVE_OR_SIZE, UserError, above, at_least, check_flags, run_cli, seed_everything, setup_distributed, str2bool,
+                     teardown_distributed)
 
 
 def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
@@ -45,7 +46,16 @@ def test_accuracy(model: PrototypeClassifier, images: torch.Tensor, labels: torc
     return (counts[0] / counts[1]).item()
 
 
+FLAG_RULES = {
+    **{flag: at_least(1) for flag in ("epoch", "batchsize", "cdim")},
+    "image_size": NATIVE_OR_SIZE,
+    "lr": above(0), "center_lr_mult": above(0), "scale": above(0), "pl_weight": at_least(0),
+}
+
+
 def main(args: argparse.Namespace) -> None:
+    """Train the prototype classifier and write its checkpoint to --out (nothing is written on a bad flag)."""
+    check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
@@ -115,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data_root", default="datasets", help="folder holding the datasets")
     p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
-    p.add_argument("--tiny_imagenet_path", default=None, help="tiny-imagenet-200 folder (default DATA_ROOT/tiny-imagenet-200)")
+    p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder, or its train/ "
+                   "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
     p.add_argument("--numworkers", type=int, default=4, help="threads that decode image folders")
     p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
     p.add_argument("--cdim", type=int, default=128, help="prototype / feature dimension D (the paper's 128)")

@@ -64,3 +64,35 @@ def test_sharded_batches_partition_each_epoch():
     assert torch.equal(shards[1].epoch(4), ShardedBatches(n, b, 1, world, seed=5).epoch(4))  # f(seed, epoch)
     with pytest.raises(DatasetError, match="fewer than one global batch"):
         ShardedBatches(10, 8, 0, 2)
+
+
+def fake_tiny_imagenet(root):
+    """Tiny ImageNet's real layout: train/<wnid>/images/*.JPEG with a boxes file, val/images + val_annotations.txt."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    wnids = ["n01443537", "n01629819"]
+    for w in wnids:
+        (root / "train" / w / "images").mkdir(parents=True)
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "train" / w / "images" / f"{w}_{k}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    rows = []
+    for k, w in enumerate(wnids * 2):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "val" / "images" / f"val_{k}.JPEG")
+        rows.append(f"val_{k}.JPEG\t{w}\t0\t0\t8\t8")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+
+
+def test_tiny_imagenet_path_is_the_root_or_the_originals_train_folder(tmp_path):
+    fake_tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    by_root, by_train = (load_dataset("tiny-imagenet", "all", str(tmp_path / "data"), tiny_imagenet_path=str(p))
+                         for p in (tmp_path / "tiny-imagenet-200", tmp_path / "tiny-imagenet-200" / "train"))
+    assert by_root.images.shape == (6, 3, 8, 8) and by_root.classes == ["n01443537", "n01629819"]
+    assert torch.equal(by_root.images, by_train.images) and torch.equal(by_root.labels, by_train.labels)
+    for p in (tmp_path / "tiny-imagenet-200", tmp_path / "tiny-imagenet-200" / "train"):
+        test = load_dataset("tiny-imagenet", "test", str(tmp_path / "data"), tiny_imagenet_path=str(p))
+        assert test.labels.tolist() == [0, 1, 0, 1]
+    with pytest.raises(DatasetError, match="looked for .*nowhere/train/ .*class folders in .*nowhere"):
+        load_dataset("tiny-imagenet", "all", str(tmp_path / "data"), tiny_imagenet_path=str(tmp_path / "nowhere"))

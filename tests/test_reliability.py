@@ -186,3 +186,51 @@ def test_error_matrix(disk, script, args, msg):
     lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
     assert "Traceback" not in r.stderr and len(lines) == 1 and "error:" in lines[0] and msg in lines[0], r.stderr
     assert snapshot(str(disk)) == before
+
+
+RANGES = [  # (script, flags, the start of the error line)
+    (T, ["--lr", "-1"], "--lr must be > 0"), (T, ["--lr", "nan"], "--lr must be > 0; got nan"),
+    (T, ["--multiplier", "0"], "--multiplier must be >= 1"), (T, ["--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    (T, ["--droprate", "1.5"], "--droprate must be in [0, 1)"), (T, ["--ema_decay", "1.5"], "--ema_decay must be in [0, 1]"),
+    (T, ["--cdim", "0"], "--cdim must be >= 1"), (T, ["--numres", "0"], "--numres must be >= 1"),
+    (T, ["--image_size", "0"], "--image_size must be -1 (native size) or >= 1"),
+    (T, ["--weight_decay", "-1"], "--weight_decay must be >= 0"), (T, ["--low_t_frac", "2"], "--low_t_frac must be in"),
+    (T, ["--schedule", "quadratic"], "--schedule must be one of linear, cosine"),
+    (T, ["--select", "cubic"], "--select must be one of linear, quadratic"), (T, ["--modch", "-32"], "--modch must be >= 1"),
+    (T, ["--w", "inf"], "--w must be a finite number"), (T, ["--fid_num", "1"], "--fid_num must be >= 2"),
+    (C, ["--epoch", "0"], "--epoch must be >= 1"), (C, ["--batchsize", "0"], "--batchsize must be >= 1"),
+    (C, ["--lr", "-1"], "--lr must be > 0"), (C, ["--pl_weight", "-1"], "--pl_weight must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("script,flags,msg", RANGES, ids=[f"{s}:{' '.join(f)}" for s, f, _ in RANGES])
+def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, monkeypatch, script, flags, msg):
+    import train_classifier
+    module, base = {T: (train, ["--dataset", "digits"]), C: (train_classifier, ["--dataset", "digits"])}[script]
+    monkeypatch.chdir(tmp_path)  # the default --results / --out are relative: nothing may appear here
+    with pytest.raises(UserError) as e:
+        module.main(module.build_parser().parse_args(base + flags))
+    assert str(e.value).startswith(msg), str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script,args", [(T, ["--lr", "nan", "--results", "{d}/res"]),
+                                         (C, ["--dataset", "digits", "--epoch", "0", "--out", "{d}/c.pt"]),
+                                         ("bench.py", ["--batchsize", "0"])])
+def test_out_of_range_flags_give_one_error_line(tmp_path, script, args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script)] + [a.format(d=tmp_path) for a in args],
+                       capture_output=True, text=True, env=run_env(), timeout=300, cwd=tmp_path)
+    lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "must be" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_json_is_a_plain_flag_and_prints_one_json_line():
+    import json
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--inch", "1", "--modch", "32", "--chmul", "1,2",
+                        "--numres", "1", "--image_size", "8", "--batchsize", "4", "--steps", "1", "--warmup", "0",
+                        "--sample_timed_steps", "1", "--json"], capture_output=True, text=True, env=run_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert len(report["rows"]) == 6 and all(row["peak_mem_gb"] is None for row in report["rows"].values())  # CPU

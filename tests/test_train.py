@@ -69,8 +69,21 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_args):
     assert all(torch.equal(ckpt["net"][k], w0["net"][k]) for k in w0["net"])
     assert os.path.exists(os.path.join(run_dir, "samples", "grid_2.png"))
     # 1797 images, 64 per rank x 2 ranks: 14 steps per epoch, 28 in all, logged every 5
-    steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert steps == [5, 10, 15, 20, 25]
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["event"] == "train"] == [5, 10, 15, 20, 25]
+    epochs = [(r["epoch"], r["step"], r["steps"]) for r in records if r["event"] == "epoch"]
+    assert epochs == [(1, 14, 14), (2, 28, 14)]  # one record per finished epoch, whatever --log_every
+
+
+def test_the_epoch_record_is_the_mean_of_the_epochs_step_losses(tmp_path, tiny_args):
+    train.main(train.build_parser().parse_args(tiny_args + ["--epoch", "1", "--log_every", "1",
+                                                            "--run_dir", str(tmp_path / "run")]))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [r for r in records if r["event"] == "train"]
+    (epoch,) = [r for r in records if r["event"] == "epoch"]
+    assert len(steps) == 28 and epoch["steps"] == 28 and epoch["step"] == 28
+    assert epoch["loss"] == pytest.approx(sum(r["loss"] for r in steps) / 28, rel=1e-5)
+    assert epoch["lr"] == steps[-1]["lr"] and epoch["img_per_s"] > 0
 
 
 def test_lr_schedule_warms_up_then_cosine_to_zero():
