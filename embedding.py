@@ -1,4 +1,6 @@
 """Class-embedding table + MLP (`ConditionalEmbedding`) and putting prototypes into its table."""
+import math
+
 import torch
 from torch import nn
 
@@ -39,6 +41,17 @@ def rows_with_norms_of(protos: torch.Tensor, seed: int) -> torch.Tensor:
     """Random N(0, 1) directions rescaled to the prototypes' row norms: the same scale, no class structure."""
     rows = torch.randn(protos.shape, generator=torch.Generator().manual_seed(seed), dtype=protos.dtype)
     return rows / rows.norm(dim=1, keepdim=True) * protos.norm(dim=1, keepdim=True)
+
+
+def expected_row_norm(dim: int) -> float:
+    """E|z| for z ~ N(0, I_dim), the row norm a `regular` table starts from (nn.Embedding draws N(0, 1)):
+    sqrt(2) Gamma((dim + 1) / 2) / Gamma(dim / 2), close to sqrt(dim - 1/2); 11.29 at width 128."""
+    return math.sqrt(2) * math.exp(math.lgamma((dim + 1) / 2) - math.lgamma(dim / 2))
+
+
+def rows_at_norm(rows: torch.Tensor, norm: float) -> torch.Tensor:
+    """Every row rescaled to L2 norm `norm`, its direction unchanged."""
+    return rows / rows.norm(dim=1, keepdim=True) * norm
 
 
 def shuffled_rows(protos: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Summarise runs of several modes and seeds: a markdown table (mean and spread per evaluation) and a plot.
+"""Summarise runs of several arms and seeds: mean and spread per evaluation, differences to `regular` paired by
+seed, steps to an accuracy threshold, and plots.
 
     python experiment_report.py results/digits_experiment/runs/* --out results/digits_experiment
-Reads each run's config.json (mode, seed) and the `fid` records of its metrics.jsonl.
+An arm is a run's --mode plus its --proto_norm when that is not `keep` (e.g. `proto_frozen @ norm default`).
+Reads each run's config.json (mode, proto_norm, seed) and the `fid` records of its metrics.jsonl.
 """
 import argparse
 import json
@@ -17,57 +19,120 @@ import numpy as np  # noqa: E402
 from runtime import UserError, run_cli  # noqa: E402
 
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
+BASELINE = "regular"
+
+
+def arm_of(cfg: dict) -> str:
+    norm = cfg.get("proto_norm", "keep")
+    return cfg["mode"] if norm == "keep" else f"{cfg['mode']} @ norm {norm}"
 
 
 def collect(run_dirs: list[str]) -> dict:
-    """{mode: {epoch: [(proto-FID, accuracy, step) per seed]}}."""
-    table = defaultdict(lambda: defaultdict(list))
+    """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}."""
+    runs = defaultdict(dict)
     for run in run_dirs:
         cfg_path, metrics = os.path.join(run, "config.json"), os.path.join(run, "metrics.jsonl")
         if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
             raise UserError(f"{run} is not a finished run dir (config.json and metrics.jsonl)")
-        mode = json.load(open(cfg_path))["mode"]
-        for r in map(json.loads, open(metrics)):
-            if r.get("event") == "fid":
-                table[mode][r["epoch"]].append((r["value"], r.get("class_accuracy", float("nan")), r["step"]))
-    if not table:
+        cfg = json.load(open(cfg_path))
+        points = {r["step"]: (r["value"], r.get("class_accuracy", float("nan")), r["epoch"])
+                  for r in map(json.loads, open(metrics)) if r.get("event") == "fid"}
+        if points:
+            runs[arm_of(cfg)][cfg["seed"]] = points
+    if not runs:
         raise UserError("no FID records found in the given runs")
-    return table
+    return runs
+
+
+def order(arms) -> list[str]:
+    """Arms by mode in MODE_ORDER, each mode's own-norm arm before its rescaled ones."""
+    def key(arm: str):
+        mode = arm.split(" @ ")[0]
+        return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), " @ " in arm, arm)
+    return sorted(arms, key=key)
+
+
+def first_step_reaching(points: dict, threshold: float) -> int | None:
+    """First evaluation step at which class accuracy reaches `threshold` (None: never)."""
+    return next((s for s in sorted(points) if points[s][1] >= threshold), None)
+
+
+def mean_sd(values: np.ndarray) -> tuple[float, float]:
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def main(args: argparse.Namespace) -> None:
-    table = collect(args.runs)
-    modes = [m for m in MODE_ORDER if m in table] + sorted(set(table) - set(MODE_ORDER))
-    epochs = sorted({e for m in modes for e in table[m]})
-    lines = []
-    for e in epochs:
-        step = next(v[0][2] for m in modes if (v := table[m].get(e)))
-        lines += [f"\n**epoch {e} (step {step})**\n", "| mode | proto-FID mean ± sd | class accuracy mean ± sd | seeds |",
-                  "|---|---|---|---|"]
-        for m in modes:
-            vals = np.array([v[:2] for v in table[m].get(e, [])])
-            if len(vals):
-                sd = vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(2)
-                lines.append(f"| {m} | {vals[:, 0].mean():.3f} ± {sd[0]:.3f} | {100 * vals[:, 1].mean():.1f}% ± "
-                             f"{100 * sd[1]:.1f} | {len(vals)} |")
+    runs = collect(args.runs)
+    arms = order(runs)
+    steps = sorted({s for a in arms for seed in runs[a] for s in runs[a][seed]})
+    lines = ["## Mean ± sd over seeds: class accuracy % / proto-FID", "",
+             "| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for s in steps:
+        cells = []
+        for a in arms:
+            vals = np.array([runs[a][seed][s][:2] for seed in runs[a] if s in runs[a][seed]])
+            (f, fsd), (acc, accsd) = mean_sd(vals[:, 0]), mean_sd(100 * vals[:, 1])
+            cells.append(f"{acc:.1f} ± {accsd:.1f} / {f:.2f} ± {fsd:.2f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+
+    diffs = {}  # arm -> step -> (accuracy differences, FID differences) per shared seed, arm minus regular
+    if BASELINE in runs:
+        lines += ["", f"## Paired by seed, arm minus {BASELINE}: class accuracy points / proto-FID "
+                      f"(mean ± sd; seeds where the arm is ahead)", "",
+                  "| step | " + " | ".join(a for a in arms if a != BASELINE) + " |",
+                  "|---" * len(arms) + "|"]
+        for s in steps:
+            cells = []
+            for a in arms:
+                if a == BASELINE:
+                    continue
+                seeds = [k for k in runs[a] if k in runs[BASELINE] and s in runs[a][k] and s in runs[BASELINE][k]]
+                d = np.array([np.subtract(runs[a][k][s][:2], runs[BASELINE][k][s][:2]) for k in seeds])
+                diffs.setdefault(a, {})[s] = (100 * d[:, 1], d[:, 0])
+                (acc, accsd), (f, fsd) = mean_sd(100 * d[:, 1]), mean_sd(d[:, 0])
+                cells.append(f"{acc:+.1f} ± {accsd:.1f} ({(d[:, 1] > 0).sum()}/{len(d)}) / "
+                             f"{f:+.2f} ± {fsd:.2f} ({(d[:, 0] < 0).sum()}/{len(d)})")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Steps to reach a class accuracy (first evaluation step; per seed, '-' = never)", "",
+              "| arm | " + " | ".join(f"{100 * t:.0f}%: per seed / mean of runs that reach it / never"
+                                      for t in args.thresholds) + " |", "|---" * (len(args.thresholds) + 1) + "|"]
+    for a in arms:
+        cells = []
+        for t in args.thresholds:
+            hit = {seed: first_step_reaching(runs[a][seed], t) for seed in sorted(runs[a])}
+            reached = [v for v in hit.values() if v is not None]
+            cells.append(", ".join(str(v) if v is not None else "-" for v in hit.values()) +
+                         f" / {np.mean(reached):.0f} / {len(hit) - len(reached)}" if reached else
+                         ", ".join("-" for _ in hit) + f" / - / {len(hit)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in modes:
-        es = sorted(table[m])
-        steps = [table[m][e][0][2] for e in es]
-        for ax, k in zip(axes, (0, 1)):
-            vals = [np.array([v[k] for v in table[m][e]]) for e in es]
-            mean = np.array([v.mean() for v in vals])
-            ax.plot(steps, mean, marker="o", label=m)
-            ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], alpha=0.15)
-    axes[0].set_ylabel("proto-FID (independent classifier), lower is better")
-    axes[1].set_ylabel("class accuracy of samples")
-    for ax in axes:
+
+    fig, axes = plt.subplots(2 if diffs else 1, 2, figsize=(11, 8 if diffs else 4), squeeze=False)
+    for a in arms:
+        for ax, k, scale in zip(axes[0], (1, 0), (100, 1)):
+            per_step = [np.array([scale * runs[a][seed][s][k] for seed in runs[a] if s in runs[a][seed]]) for s in steps]
+            ax.plot(steps, [v.mean() for v in per_step], marker="o", label=a)
+    axes[0][0].set_ylabel("class accuracy % (mean over seeds)")
+    axes[0][1].set_ylabel("proto-FID (mean over seeds), lower is better")
+    for a, by_step in diffs.items():
+        xs = sorted(by_step)
+        for ax, k in zip(axes[1], (0, 1)):
+            m = np.array([by_step[s][k].mean() for s in xs])
+            sd = np.array([by_step[s][k].std(ddof=1) if len(by_step[s][k]) > 1 else 0.0 for s in xs])
+            ax.plot(xs, m, marker="o", label=a)
+            ax.fill_between(xs, m - sd, m + sd, alpha=0.15)
+    if diffs:
+        axes[1][0].set_ylabel(f"accuracy points, arm - {BASELINE} (paired; band = ± sd)")
+        axes[1][1].set_ylabel(f"proto-FID, arm - {BASELINE} (paired; band = ± sd)")
+    for ax in axes.flat:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[1].legend()
+    for ax in axes[1] if diffs else []:
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(args.title)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
@@ -76,8 +141,12 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Mean and spread over seeds of proto-FID and class accuracy per mode.")
+    p = argparse.ArgumentParser(description="Mean and spread over seeds of proto-FID and class accuracy per arm, "
+                                "and differences to regular paired by seed.")
     p.add_argument("runs", nargs="+", help="run dirs")
     p.add_argument("--out", default="results/experiment", help="folder for table.md and curves.png")
-    p.add_argument("--title", default="digits: mean over seeds, band = min..max", help="plot title")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.65],
+                   help="class accuracies for the steps-to-threshold table")
+    p.add_argument("--title", default="digits: mean over seeds (top), paired differences to regular (bottom)",
+                   help="plot title")
     run_cli(main, p)

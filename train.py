@@ -11,6 +11,7 @@ Two nodes (run on each, NODE = 0 or 1):
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -25,7 +26,7 @@ from checkpoints import (TrainState, build_models, latest_checkpoint, load_file,
 from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset, to_float
 from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
-from embedding import rows_with_norms_of, set_class_table, shuffled_rows
+from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
 from runtime import (Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between, broadcast_object,
                      NATIVE_OR_SIZE, check_flags, compile_or_eager, finite, int_list, one_of, resolve_fast_path, run_cli, seed_everything,
@@ -54,6 +55,24 @@ FLAG_RULES = {
 }
 
 
+def table_norm(args: argparse.Namespace) -> float | None:
+    """The row norm --proto_norm asks for: None keeps the rows' own norms (the paper's behaviour)."""
+    if args.proto_norm == "keep":
+        return None
+    if args.mode == "regular":
+        raise UserError("--proto_norm applies to the tables built from prototypes (the proto modes and controls), "
+                        "not to --mode regular")
+    if args.proto_norm == "default":
+        return expected_row_norm(args.cdim)
+    try:
+        norm = float(args.proto_norm)
+    except ValueError:
+        norm = float("nan")
+    if not (math.isfinite(norm) and norm > 0):
+        raise UserError(f"--proto_norm must be keep, default or a number > 0; got {args.proto_norm}")
+    return norm
+
+
 def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float):
     """Per epoch: linear warm-up from lr to lr*multiplier over max(1, epochs//20) epochs, then cosine to 0.
 
@@ -70,6 +89,7 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: 
 def validate(args: argparse.Namespace) -> None:
     """Refuse flag values and combinations that cannot work, before any data is touched or file written."""
     check_flags(args, FLAG_RULES)
+    table_norm(args)
     if args.mode not in MODES:
         raise UserError(f"unknown --mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.mode != "regular" and not args.path_proto:
@@ -125,7 +145,8 @@ def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
                         f"got clsnum {clsnum}, genbatch {args.genbatch}")
     cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
     cfg.update(inch=data.channels, outch=data.channels, image_size=data.size, num_classes=len(data.classes),
-               classes=data.classes, clsnum=clsnum, world_size=world, torch=str(torch.__version__))
+               classes=data.classes, clsnum=clsnum, world_size=world, torch=str(torch.__version__),
+               proto_row_norm=table_norm(args))
     return data, cfg
 
 
@@ -167,9 +188,13 @@ def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos
         table, source = protos
         table = {"random_scaled": lambda: rows_with_norms_of(table, args.seed),
                  "proto_shuffled": lambda: shuffled_rows(table, args.seed)}.get(args.mode, lambda: table)()
+        if cfg["proto_row_norm"] is not None:
+            table = rows_at_norm(table, cfg["proto_row_norm"])
         set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")
+        norms = table.norm(dim=1)
         log.line(f"loaded prototypes from {args.path_proto}: {table.shape[0]} x {table.shape[1]} ({source}); "
-                 f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}")
+                 f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}, row norms "
+                 f"{norms.min():.2f}-{norms.max():.2f} (--proto_norm {args.proto_norm})")
     elif args.mode in FROZEN:
         cemblayer.table.requires_grad_(False)
     return nn.ModuleDict({"net": net, "cemblayer": cemblayer})
@@ -392,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     p.add_argument("--mode", default="regular", help=f"class table: {' / '.join(MODES)}")
     p.add_argument("--path_proto", default=None, help="prototype file for the proto modes")
+    p.add_argument("--proto_norm", default="keep", help="row norm of the table a proto mode or control builds: keep "
+                   "(the rows' own norms, the paper's), default (the expected row norm of the regular N(0, 1) table "
+                   "at --cdim, sqrt(2) Gamma((cdim + 1) / 2) / Gamma(cdim / 2) = 11.29 at 128) or a number > 0")
     p.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed x world + r for noise)")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warm-up min(decay, (1+n)/(10+n)))")
     p.add_argument("--log_every", type=int, default=100, help="read and log the loss every this many steps")

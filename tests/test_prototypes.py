@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -5,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, run_env
 
@@ -189,3 +191,39 @@ def test_movement_report_matches_a_hand_computation(tmp_path):
         assert m["norms"][k] == pytest.approx(float(p1[k].norm()), rel=1e-5)
         assert m["pairwise_distances"][k][(k + 1) % 10] == pytest.approx(float((p1[k] - p1[(k + 1) % 10]).norm()),
                                                                           rel=1e-5)
+
+
+def test_expected_row_norm_is_the_mean_norm_of_gaussian_rows():
+    from embedding import expected_row_norm
+    rows = torch.randn(200_000, 128, generator=torch.Generator().manual_seed(0))
+    assert expected_row_norm(128) == pytest.approx(rows.norm(dim=1).mean().item(), abs=5e-3)
+    assert expected_row_norm(128) == pytest.approx((128 - 0.5) ** 0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("mode,norm", [("proto_frozen", "default"), ("random_scaled", "default"), ("proto_unfrozen", "3.5")])
+def test_proto_norm_rescales_every_row_and_keeps_its_direction(tmp_path, tiny_args, mode, norm):
+    from embedding import expected_row_norm
+    protos = torch.randn(10, 128) * torch.linspace(1, 3, 10)[:, None]
+    torch.save(protos, tmp_path / "p.pt")
+
+    def table(extra, name):
+        out = tiny_main(tiny_args, ["--mode", mode, "--path_proto", str(tmp_path / "p.pt"), "--max_steps", "1",
+                                    "--lr", "1e-12", "--run_dir", str(tmp_path / name)] + extra)
+        return out["cemblayer"].table.detach()
+
+    own, scaled = table([], "own"), table(["--proto_norm", norm], "scaled")
+    want = expected_row_norm(128) if norm == "default" else 3.5
+    torch.testing.assert_close(scaled.norm(dim=1), torch.full((10,), want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.normalize(scaled, dim=1), F.normalize(own, dim=1), rtol=1e-5, atol=1e-5)
+    cfg = json.load(open(tmp_path / "scaled" / "config.json"))
+    assert cfg["proto_norm"] == norm and cfg["proto_row_norm"] == pytest.approx(want)
+    assert f"--proto_norm {norm}" in open(tmp_path / "scaled" / "log.txt").read()
+
+
+@pytest.mark.parametrize("flags,msg", [(["--proto_norm", "default"], "not to --mode regular"),
+                                       (["--mode", "proto_frozen", "--path_proto", "p.pt", "--proto_norm", "-2"],
+                                        "--proto_norm must be keep, default or a number > 0")])
+def test_bad_proto_norm_is_refused(tmp_path, tiny_args, flags, msg):
+    with pytest.raises(UserError, match=msg):
+        tiny_main(tiny_args, flags + ["--results", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
