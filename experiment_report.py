@@ -1,5 +1,5 @@
 """Summarise runs of several arms and seeds: mean and spread per evaluation, differences to `regular` paired by
-seed, steps to an accuracy threshold, and plots.
+seed (to `regular`, or to the arm --baseline names), steps to an accuracy threshold, and plots.
 
     python experiment_report.py results/digits_experiment/runs/* --out results/digits_experiment
 An arm is a run's --mode plus its --proto_norm when that is not `keep` (e.g. `proto_frozen @ norm default`).
@@ -19,7 +19,6 @@ import numpy as np  # noqa: E402
 from runtime import UserError, run_cli  # noqa: E402
 
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
-BASELINE = "regular"
 
 
 def arm_of(cfg: dict) -> str:
@@ -63,6 +62,7 @@ def mean_sd(values: np.ndarray) -> tuple[float, float]:
 
 def main(args: argparse.Namespace) -> None:
     runs = collect(args.runs)
+    base = args.baseline
     arms = order(runs)
     steps = sorted({s for a in arms for seed in runs[a] for s in runs[a][seed]})
     lines = ["## Mean ± sd over seeds: class accuracy % / proto-FID", "",
@@ -76,18 +76,18 @@ def main(args: argparse.Namespace) -> None:
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
 
     diffs = {}  # arm -> step -> (accuracy differences, FID differences) per shared seed, arm minus regular
-    if BASELINE in runs:
-        lines += ["", f"## Paired by seed, arm minus {BASELINE}: class accuracy points / proto-FID "
+    if base in runs:
+        lines += ["", f"## Paired by seed, arm minus {base}: class accuracy points / proto-FID "
                       f"(mean ± sd; seeds where the arm is ahead)", "",
-                  "| step | " + " | ".join(a for a in arms if a != BASELINE) + " |",
+                  "| step | " + " | ".join(a for a in arms if a != base) + " |",
                   "|---" * len(arms) + "|"]
         for s in steps:
             cells = []
             for a in arms:
-                if a == BASELINE:
+                if a == base:
                     continue
-                seeds = [k for k in runs[a] if k in runs[BASELINE] and s in runs[a][k] and s in runs[BASELINE][k]]
-                d = np.array([np.subtract(runs[a][k][s][:2], runs[BASELINE][k][s][:2]) for k in seeds])
+                seeds = [k for k in runs[a] if k in runs[base] and s in runs[a][k] and s in runs[base][k]]
+                d = np.array([np.subtract(runs[a][k][s][:2], runs[base][k][s][:2]) for k in seeds])
                 diffs.setdefault(a, {})[s] = (100 * d[:, 1], d[:, 0])
                 (acc, accsd), (f, fsd) = mean_sd(100 * d[:, 1]), mean_sd(d[:, 0])
                 cells.append(f"{acc:+.1f} ± {accsd:.1f} ({(d[:, 1] > 0).sum()}/{len(d)}) / "
@@ -125,8 +125,8 @@ def main(args: argparse.Namespace) -> None:
             ax.plot(xs, m, marker="o", label=a)
             ax.fill_between(xs, m - sd, m + sd, alpha=0.15)
     if diffs:
-        axes[1][0].set_ylabel(f"accuracy points, arm - {BASELINE} (paired; band = ± sd)")
-        axes[1][1].set_ylabel(f"proto-FID, arm - {BASELINE} (paired; band = ± sd)")
+        axes[1][0].set_ylabel(f"accuracy points, arm - {base} (paired; band = ± sd)")
+        axes[1][1].set_ylabel(f"proto-FID, arm - {base} (paired; band = ± sd)")
     for ax in axes.flat:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -145,8 +145,10 @@ if __name__ == "__main__":
                                 "and differences to regular paired by seed.")
     p.add_argument("runs", nargs="+", help="run dirs")
     p.add_argument("--out", default="results/experiment", help="folder for table.md and curves.png")
+    p.add_argument("--baseline", default="regular", help="the arm the paired differences are taken to, e.g. "
+                   "'random_scaled @ norm default'")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.65],
                    help="class accuracies for the steps-to-threshold table")
-    p.add_argument("--title", default="digits: mean over seeds (top), paired differences to regular (bottom)",
+    p.add_argument("--title", default="digits: mean over seeds (top), paired differences to the baseline (bottom)",
                    help="plot title")
     run_cli(main, p)
