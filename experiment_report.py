@@ -111,10 +111,11 @@ def main(args: argparse.Namespace) -> None:
         f.write("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(2 if diffs else 1, 2, figsize=(11, 8 if diffs else 4), squeeze=False)
+    color = {a: f"C{i}" for i, a in enumerate(arms)}  # one colour per arm in every panel
     for a in arms:
         for ax, k, scale in zip(axes[0], (1, 0), (100, 1)):
             per_step = [np.array([scale * runs[a][seed][s][k] for seed in runs[a] if s in runs[a][seed]]) for s in steps]
-            ax.plot(steps, [v.mean() for v in per_step], marker="o", label=a)
+            ax.plot(steps, [v.mean() for v in per_step], marker="o", label=a, color=color[a])
     axes[0][0].set_ylabel("class accuracy % (mean over seeds)")
     axes[0][1].set_ylabel("proto-FID (mean over seeds), lower is better")
     for a, by_step in diffs.items():
@@ -122,8 +123,8 @@ def main(args: argparse.Namespace) -> None:
         for ax, k in zip(axes[1], (0, 1)):
             m = np.array([by_step[s][k].mean() for s in xs])
             sd = np.array([by_step[s][k].std(ddof=1) if len(by_step[s][k]) > 1 else 0.0 for s in xs])
-            ax.plot(xs, m, marker="o", label=a)
-            ax.fill_between(xs, m - sd, m + sd, alpha=0.15)
+            ax.plot(xs, m, marker="o", label=a, color=color[a])
+            ax.fill_between(xs, m - sd, m + sd, alpha=0.12, color=color[a])
     if diffs:
         axes[1][0].set_ylabel(f"accuracy points, arm - {base} (paired; band = ± sd)")
         axes[1][1].set_ylabel(f"proto-FID, arm - {base} (paired; band = ± sd)")
