@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
         if args.fid:
             name = "FID" if args.fid_features == "inception" else "proto-FID"
             record = {"event": "fid", "epoch": args.epoch, "metric": name, "value": result["fid"], "n": result["n"],
-                      "sampler": "ddim" if args.ddim else "ddpm", "steps": args.num_steps if args.ddim else diffusion.T,
+                      "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(diffusion.T),
                       "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
                       "weights": weights, "label": args.label, "seed": args.seed, "reference": os.path.abspath(ref),
                       "features": args.fid_features if args.fid_features == "inception" else

@@ -28,11 +28,10 @@ from diffusion import GaussianDiffusion, drop_condition, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between, broadcast_object,
-                     NATIVE_OR_SIZE, check_flags, compile_or_eager, finite, int_list, one_of, resolve_fast_path, run_cli, seed_everything,
-                     setup_distributed, str2bool, teardown_distributed)
+from runtime import (NATIVE_OR_SIZE, Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between,
+                     broadcast_object, check_flags, compile_or_eager, finite, int_list, one_of, resolve_fast_path,
+                     run_cli, seed_everything, setup_distributed, str2bool, teardown_distributed)
 from unet import check_unet_config
-
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
 # controls: random_scaled = random directions with the prototypes' row norms, proto_shuffled = prototypes of
