@@ -1,7 +1,7 @@
 """Datasets decoded once into uint8 tensors, rank-sharded batches, and the one uint8 <-> [-1, 1] conversion.
 
-Names: cifar10, stl10, tiny-imagenet, imagefolder (any folder of class folders) and digits (scikit-learn's
-bundled 8x8 digits, one channel, works offline). Splits: `train`, `test`, and `all`, which is what the
+Names: cifar10, stl10, tiny-imagenet, imagefolder (any folder of class folders), digits (scikit-learn's
+bundled 8x8 digits, one channel, works offline) and synthetic (random images for timing train.py; nothing to learn). Splits: `train`, `test`, and `all`, which is what the
 diffusion model trains on (stl10: labelled train + test merged as in the original; digits: all 1797 images).
 """
 import hashlib
@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.functional import resize
 
-DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits")
+DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "stl10": 10, "tiny-imagenet": 200, "digits": 10}
 
 
@@ -86,6 +86,14 @@ def _digits(split: str) -> ImageData:
     held_out = rank_in_class % 5 == 0  # a fixed 20% of every class
     keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
     return ImageData(images[keep], labels[keep], [str(i) for i in range(10)])
+
+
+def _synthetic(size: int) -> ImageData:
+    """50,000 uniform random RGB images (CIFAR10's count) in 10 classes, at `size` (native 32), from a fixed seed."""
+    size = size if size > 0 else 32
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(256, (50_000, 3, size, size), generator=g, dtype=torch.uint8)
+    return ImageData(images, torch.arange(50_000) % 10, [str(i) for i in range(10)])
 
 
 def _torchvision(cls, root: str, download: bool, how: str, **kwargs) -> torchvision.datasets.VisionDataset:
@@ -185,6 +193,8 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
     cache_dir = os.path.join(data_root, "cache")
     if name == "digits":
         data = _digits(split)
+    elif name == "synthetic":
+        data = _synthetic(image_size)
     elif name == "cifar10":
         data = _cifar10(data_root, split, download)
     elif name == "stl10":

@@ -155,20 +155,30 @@ def broadcast_object(obj: Any) -> Any:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 @dataclass
 class FastPath:
     """The speed settings of a run, with 'auto' resolved per device: everything on CUDA; fp32 eager on CPU."""
     amp: torch.dtype | None
     compile: bool
     channels_last: bool
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs
+
+    @property
+    def cudagraphs(self) -> bool:
+        """Whether compiled calls replay CUDA graphs (their outputs are overwritten by the next call)."""
+        return self.compile and self.compile_mode == "reduce-overhead"
 
     def autocast(self, device: torch.device) -> torch.autocast:
         """Mixed precision for forward passes (a no-op when amp is off)."""
         return torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
 
-def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.device) -> FastPath:
-    """Turn the --amp / --compile / --channels_last flags (each may be 'auto') into settings for `device`.
+def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.device,
+                      compile_mode: str = "default") -> FastPath:
+    """Turn the --amp / --compile / --channels_last / --compile_mode flags into settings for `device`.
 
     On CPU, channels_last is on by default: it measured faster for this UNet at 8x8, 16x16 and 32x32
     (README, Performance); compile is off (minutes of compilation, and it measured slower than
@@ -179,31 +189,38 @@ def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.
         amp = "bf16" if cuda else "none"
     if amp not in AMP_DTYPES:
         raise UserError(f"unknown --amp '{amp}' (choose bf16, fp16, none or auto)")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown --compile_mode '{compile_mode}' (choose {', '.join(COMPILE_MODES)})")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls and convs that remain
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every training shape is fixed, so each is tuned once
     flags = {}
     for name, value, default in (("compile", compile, cuda), ("channels_last", channels_last, True)):
         try:
             flags[name] = default if value == "auto" else str2bool(value)
         except argparse.ArgumentTypeError:
             raise UserError(f"--{name} must be auto, True or False; got '{value}'") from None
-    return FastPath(AMP_DTYPES[amp], flags["compile"], flags["channels_last"])
+    return FastPath(AMP_DTYPES[amp], flags["compile"], flags["channels_last"], compile_mode)
 
 
 def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module], torch.Tensor],
-                     device: torch.device, say: Callable[[str], None]) -> torch.nn.Module:
-    """torch.compile(module), proven by one forward and backward of `example`; eager, with one line, if that fails.
+                     device: torch.device, say: Callable[[str], None], mode: str = "default") -> torch.nn.Module:
+    """torch.compile(module), proven by running `example` (and its backward if it needs one); eager, with one
+    line, if that fails.
 
     torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface as a crash in the
     first training step. The probe runs with the RNG forked and its gradients discarded, so the run that follows
     is the same as without it, and its time is the compilation time.
     """
-    compiled = torch.compile(module, dynamic=False)  # shapes are fixed; a symbolic-shape recompile takes minutes
+    # shapes are fixed; a symbolic-shape recompile takes minutes
+    compiled = torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
     t0 = time.time()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            example(compiled).backward()
+            out = example(compiled)
+            if out.requires_grad:
+                out.backward()
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         say(f"torch.compile failed ({type(e).__name__}: {reason}); continuing eager "
@@ -212,7 +229,7 @@ def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module
         return module
     finally:
         module.zero_grad(set_to_none=True)
-    say(f"torch.compile: forward and backward compiled in {time.time() - t0:.1f} s")
+    say(f"torch.compile ({mode}): compiled in {time.time() - t0:.1f} s")
     return compiled
 
 

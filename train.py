@@ -18,19 +18,19 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import (TrainState, build_models, latest_checkpoint, load_file, new_run_dir, run_models,
                          save_checkpoint, set_rng_state)
-from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset, to_float
-from diffusion import GaussianDiffusion, drop_condition, make_betas
+from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset
+from diffusion import GaussianDiffusion, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
 from runtime import (NATIVE_OR_SIZE, Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between,
-                     broadcast_object, check_flags, compile_or_eager, finite, int_list, one_of, resolve_fast_path,
+                     broadcast_object, check_flags, finite, int_list, one_of, resolve_fast_path,
                      run_cli, seed_everything, setup_distributed, str2bool, teardown_distributed)
+from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     d = setup_distributed(args.device)
     resume = read_resume(args)
     validate(args)
-    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
 
     # --- data: uint8 images on the training device when they take under a quarter of its free memory
     data, cfg = read_data(args, d.world)
@@ -234,9 +234,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     # --- models, EMA, optimizer (AdamW at the warm-up's peak, scaled per epoch by the schedule), diffusion
     models = make_models(args, cfg, resume, protos, run_dir, log)
-    net, cemblayer = models["net"], models["cemblayer"]
-    net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
-    cemblayer.to(d.device)
+    models["net"].to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
+    models["cemblayer"].to(d.device)
     optimizer = adamw([p for p in models.parameters() if p.requires_grad], args.lr * args.multiplier,
                       args.weight_decay)
     state = TrainState(models, EMA(models, args.ema_decay), optimizer,
@@ -244,21 +243,11 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                        torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16))  # fp16 only
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
 
-    def batch_loss(unet: nn.Module, cemb_module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        x0 = to_float(images[idx.to(images.device)].to(d.device, non_blocking=True))
-        if fast.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with fast.autocast(d.device):
-            cemb = drop_condition(cemb_module(labels[idx]), args.threshold)
-            return diffusion.train_loss(unet, x0, cemb)
-
-    net_fwd = net
-    if fast.compile:  # before the DDP wrap; the probe batch has the training shape, so nothing recompiles later
-        probe = torch.arange(args.batchsize, device=d.device) % len(labels)
-        net_fwd = compile_or_eager(net, lambda m: batch_loss(m, cemblayer, probe), d.device, log.line)
-    ddp = (lambda m: DDP(m, device_ids=[d.local_rank] if d.device.type == "cuda" else None)) if d.world > 1 \
-        else (lambda m: m)
-    net_ddp, cemb_ddp = ddp(net_fwd), ddp(cemblayer)
+    # --- the step: one DDP around both models, then compiled as one graph (a batch of the training shape proves it)
+    probe = torch.arange(args.batchsize, device=images.device) % len(labels)
+    loss = make_loss(models, diffusion, args.threshold, fast, d.device,
+                     (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d.world, d.local_rank)
+    train_step = TrainStep(loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
 
     # --- resume: optimizer, schedule, EMA, RNG and the position in the data
     start_epoch, skip = 0, 0
@@ -272,47 +261,45 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
 
-    # --- training loop
+    # --- training loop: nothing reads the device between log steps, so the CPU runs ahead of the GPU
     stop = StopSignal()
     first_bad = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with a non-finite loss
     step = start_epoch * len(batches) + skip
-
-    def checkpoint(epoch: int, done: int) -> str:
-        return save_checkpoint(run_dir, state, epoch, done, len(batches), cfg, d.world, args.keep_last)
-
     for epoch in range(start_epoch, args.epoch):
-        models.train()  # enables dropout; label dropout for CFG is drop_condition in batch_loss
+        models.train()  # enables dropout; label dropout for CFG is inside DiffusionLoss
+        order = batches.epoch(epoch).to(images.device)  # the epoch's indices reach the data's device once
         window, whole_epoch, stopped = LossMeter(d.device), LossMeter(d.device), False
-        bar = tqdm(batches.epoch(epoch)[skip:], desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
+        bar = tqdm(range(skip, len(batches)), desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
-        for i, idx in enumerate(bar, start=skip):
-            loss = batch_loss(net_ddp, cemb_ddp, idx.to(d.device))  # one copy of the indices per step
-            optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            state.scaler.step(optimizer)
-            state.scaler.update()
-            state.ema.update(models)
+        for i in bar:
+            idx = order[i]
+            batch = images[idx] if on_device else images[idx].pin_memory().to(d.device, non_blocking=True)
+            step_loss = train_step(batch, labels[idx.to(d.device)])
             step += 1
-            loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            window.add(loss)
-            whole_epoch.add(loss)
-            if step % args.log_every == 0:
-                check_finite(first_bad, len(batches))  # reading the device is the sync point of the loop
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+            window.add(step_loss)
+            whole_epoch.add(step_loss)
+            at_log = step % args.log_every == 0
+            if at_log:
+                check_finite(first_bad, len(batches))  # reading the device: the loop's one sync point
                 mean_loss, rate = window.read(d.world, args.batchsize)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 window = LossMeter(d.device)
-            stopped = stop.agreed(d.world, d.control) or step == args.max_steps
-            if stopped:
+            # one process checks its own flag every step; several agree over gloo at log steps and epoch ends only
+            if d.world == 1 or at_log or i == len(batches) - 1:
+                stopped = stop.agreed(d.world, d.control)
+            if stopped or step == args.max_steps:
+                stopped = True
                 break
         bar.close()
         check_finite(first_bad, len(batches))
         if stopped:
             why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
                 else f"--max_steps {args.max_steps}"
-            log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {checkpoint(epoch, i + 1)}; "
+            path = save_checkpoint(run_dir, state, epoch, i + 1, len(batches), cfg, d.world, args.keep_last)
+            log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {path}; "
                      f"resume with: python train.py --path_resume {run_dir}")
             break
         skip, done, last = 0, epoch + 1, epoch + 1 == args.epoch
@@ -331,12 +318,13 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             log.line(f"epoch {done}: {result['metric']} {result['value']:.4f}" +
                      (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
         if done % args.interval == 0 or last:
-            log.line(f"checkpoint -> {checkpoint(done, 0)}")
+            path = save_checkpoint(run_dir, state, done, 0, len(batches), cfg, d.world, args.keep_last)
+            log.line(f"checkpoint -> {path}")
 
     # --- teardown
     stop.restore()
     teardown_distributed()
-    return {"net": net, "cemblayer": cemblayer, "ema": state.ema.module}
+    return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}
 
 
 class LossMeter:
@@ -432,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="runs go to RESULTS/{mode}/{dataset}/{timestamp}")
     p.add_argument("--amp", default="auto", help="autocast dtype: bf16, fp16 (with a GradScaler) or none; auto is "
                    "bf16 on CUDA and none on CPU")
-    p.add_argument("--compile", default="auto", help="torch.compile the UNet (True/False; auto: on CUDA only)")
+    p.add_argument("--compile", default="auto", help="torch.compile the whole loss (class MLP, noise, UNet, MSE) "
+                   "as one graph (True/False; auto: on CUDA only)")
+    p.add_argument("--compile_mode", default="default", help="torch.compile mode: default, "
+                   "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     return p

@@ -1,0 +1,73 @@
+"""The training step of the diffusion model, shared by train.py and bench.py so that the benchmark times the product.
+
+`DiffusionLoss` is everything that runs on a batch before backward (uint8 -> [-1, 1], class-embedding MLP, CFG
+label drop, timesteps, noise, q_sample, UNet, eps-MSE) as one module, so that one torch.compile graph and one DDP
+wrapper cover all of it. `TrainStep` adds backward, the optimizer (through the GradScaler), and EMA, and never
+reads a device value, so the CPU can queue step n+1 while the GPU runs step n.
+"""
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from datasets import to_float
+from diffusion import GaussianDiffusion, drop_condition
+from ema import EMA
+from runtime import FastPath, compile_or_eager
+
+
+class DiffusionLoss(nn.Module):
+    """(uint8 images [B, C, H, W], labels [B]) -> the eps-MSE loss of one batch, with CFG label dropout."""
+
+    def __init__(self, models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath):
+        super().__init__()
+        self.models = models  # "net" (the UNet) and "cemblayer" (the class table + MLP)
+        self.diffusion = diffusion
+        self.threshold = threshold
+        self.fast = fast
+
+    def forward(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x0 = to_float(images_u8)
+        if self.fast.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with self.fast.autocast(x0.device):
+            cond = drop_condition(self.models["cemblayer"](labels), self.threshold)
+            return self.diffusion.train_loss(self.models["net"], x0, cond)
+
+
+def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
+              device: torch.device, example: tuple[torch.Tensor, torch.Tensor], say: Callable[[str], None],
+              world: int = 1, local_rank: int = 0) -> nn.Module:
+    """DiffusionLoss, wrapped in DDP when there are several processes, then compiled when fast.compile asks.
+
+    DDP goes inside torch.compile, the order PyTorch documents for the two together: dynamo then splits the graph
+    at DDP's bucket boundaries, so gradient all-reduce overlaps the rest of backward. The compile is proven on
+    `example` (a batch of the training shape) before training starts; on failure the run goes on eager.
+    """
+    loss: nn.Module = DiffusionLoss(models, diffusion, threshold, fast)
+    if world > 1:
+        loss = DDP(loss, device_ids=[local_rank] if device.type == "cuda" else None)
+    if fast.compile:
+        loss = compile_or_eager(loss, lambda m: m(*example), device, say, fast.compile_mode)
+    return loss
+
+
+class TrainStep:
+    """One optimisation step: loss, backward, optimizer (through the scaler), EMA; returns the detached loss."""
+
+    def __init__(self, loss: nn.Module, models: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, ema: EMA, cudagraphs: bool = False):
+        self.loss, self.models, self.optimizer, self.scaler, self.ema = loss, models, optimizer, scaler, ema
+        self.cudagraphs = cudagraphs
+
+    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
+        loss = self.loss(images_u8, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # fp16 only: the scaler's inf check reads the device here
+        self.scaler.update()
+        self.ema.update(self.models)
+        return loss.detach().clone() if self.cudagraphs else loss.detach()
