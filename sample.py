@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
                 record["class_accuracy"] = result["class_accuracy"]
             line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
                                                    if "class_accuracy" in result else "")
-            print(f"{line} ({n} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference {ref})",
+            print(f"{line} ({result['n']} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference {ref})",
                   flush=True)
             with open(os.path.join(args.path, f"fid_{args.epoch}.txt"), "a") as f:
                 f.write(json.dumps(record) + "\n")

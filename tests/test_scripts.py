@@ -48,4 +48,6 @@ def test_gpu_check_runs_its_steps_on_cpu_and_reports(tmp_path):
     report = json.load(open(tmp_path / "out" / "report.json"))
     assert report["passed"] and set(report["steps"]) == {"tests", "bench", "train", "resume", "sample"}
     assert all(report["train"]["checks"].values()) and report["sample"]["fid_line"].startswith("proto-FID")
-    assert len(report["bench"]["rows"]) == 6 and "6 skipped" in report["tests"]["summary"]
+    assert len(report["bench"]["rows"]) == 7 and "7 skipped" in report["tests"]["summary"]
+    assert report["sample"]["counted"] == 100 and report["bench"]["rows"]["train step, eager fp32"]["img_per_s"] > 0
+    assert os.path.isfile(tmp_path / "out" / "profile" / "top_ops.txt")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sweep train.py's own step (bench.py --rows train) on the paper's CIFAR10 UNet over batch size, compile mode and
+# channels_last, within a time budget; prints one table (img/s, TFLOP/s against the measured bf16 matmul and the
+# datasheet, compile time, memory) and writes GPU_TUNE_OUT/tune.json plus one JSON per row.
+#   bash scripts/gpu_tune.sh                 # at most BUDGET=330 s of rows, then the table
+# Rows run in priority order; a row that would start with under MIN_ROW s of budget left is listed as skipped.
+# Without a GPU it runs a small grid of tiny eager configs (compiling costs minutes on a CPU), to check the plumbing.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${GPU_TUNE_OUT:-results/gpu_tune}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+BUDGET=${BUDGET:-330}
+MIN_ROW=${MIN_ROW:-45}
+mkdir -p "$OUT"
+rm -f "$OUT"/row_*.json "$OUT"/row_*.log "$OUT"/rows.tsv
+CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+
+if [ "$CUDA" = 1 ]; then
+  MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32 --steps 20 --warmup 5"
+  COMPILE=True
+  # batch  compile mode  channels_last; most informative first. max-autotune gets one row, last: it benchmarks
+  # many kernel choices per op and may not fit the budget at all
+  GRID=("128 default True" "256 default True" "512 default True" "128 reduce-overhead True" "128 default False"
+        "128 max-autotune-no-cudagraphs True")
+else
+  MODEL="--modch 32 --chmul 1,2 --numres 1 --image_size 16 --steps 2 --warmup 1"
+  COMPILE=False
+  GRID=("4 default True" "8 default True" "4 default False")
+fi
+
+t0=$SECONDS
+i=0
+for row in "${GRID[@]}"; do
+  read -r batch mode cl <<<"$row"
+  left=$((BUDGET - (SECONDS - t0)))
+  if [ "$left" -lt "$MIN_ROW" ]; then
+    printf '%s\t%s\t%s\t%s\tskipped: %s s of the budget left\n' "$i" "$batch" "$mode" "$cl" "$left" >>"$OUT/rows.tsv"
+  else
+    echo "== row $i: batch $batch, compile $COMPILE ($mode), channels_last $cl (limit ${left} s)"
+    timeout --kill-after=10 "$left" $PY bench.py $MODEL --batchsize "$batch" --compile "$COMPILE" \
+      --compile_mode "$mode" --channels_last "$cl" --rows train --json >"$OUT/row_$i.json" 2>"$OUT/row_$i.log"
+    rc=$?
+    printf '%s\t%s\t%s\t%s\trc %s\n' "$i" "$batch" "$mode" "$cl" "$rc" >>"$OUT/rows.tsv"
+  fi
+  i=$((i + 1))
+done
+$PY scripts/gpu_check_report.py tune "$OUT"
