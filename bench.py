@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion import GaussianDiffusion, linear_betas
 from ema import EMA
 from embedding import ConditionalEmbedding
+from evaluate import Sampler
+from noise import ImageNoise
 from runtime import (COMPILE_MODES, FastPath, UserError, adamw, at_least, check_flags, int_list, one_of,
                      resolve_fast_path, run_cli, str2bool)
 from train_step import TrainStep, make_loss
@@ -188,22 +190,28 @@ def bench_loop(args: argparse.Namespace, device: torch.device, fast: FastPath) -
 
 
 def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath | None, one_pass: bool) -> dict:
-    """Images/s of a --num_steps DDIM run with CFG, timed over --sample_timed_steps steps."""
+    """Images/s of a --num_steps DDIM run with CFG, timed over --sample_timed_steps steps of the product's path
+    (the network Sampler.prepare compiles, fp32 guidance, per-image device noise for the start)."""
     models = build(args, device, fast).eval()
-    net, cemb = models["net"], models["cemblayer"]
-    diff = GaussianDiffusion(linear_betas(1000), device)
+    cemb = models["cemblayer"]
     b = args.sample_batch or args.batchsize
-    x = torch.randn(b, args.inch, args.image_size, args.image_size, device=device)
+    shape = (args.inch, args.image_size, args.image_size)
+    sampler = Sampler(True, args.num_steps, 0.0, "linear", 1.8, b, 0, fast)
+    t0 = time.perf_counter()
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout may be the --json line)
+    net = sampler.prepare(models["net"], shape, args.cdim, device, say) if one_pass else models["net"]
+    compile_s = time.perf_counter() - t0
+    diff = GaussianDiffusion(linear_betas(1000), device)
+    x = ImageNoise(list(range(b)), device).randn((b,) + shape, 0)
     with torch.inference_mode():
         c = cemb(torch.randint(args.classes, (b,), device=device))
     t = torch.full((b,), 500, device=device, dtype=torch.long)
-    autocast = fast.autocast(device) if fast else torch.autocast(device.type, enabled=False)
 
     @torch.inference_mode()
     def step(x):
-        with autocast:
+        with sampler.precision(device):
             eps = diff.guided_eps(net, x, t, c, 1.8, one_pass=one_pass)
-        return diff.ddim_step(x, 500, 480, eps.float(), 0.0, None)
+        return diff.ddim_step(x, 500, 480, eps, 0.0, None)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -215,7 +223,8 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
         x = step(x)
     sync(device)
     per_step = (time.perf_counter() - t0) / args.sample_timed_steps
-    return {"img_per_s": b / (per_step * args.num_steps), "s_per_step": per_step, "peak_mem_gb": peak_memory_gb(device)}
+    return {"img_per_s": b / (per_step * args.num_steps), "s_per_step": per_step, "compile_s": compile_s,
+            "peak_mem_gb": peak_memory_gb(device)}
 
 
 def train_flops(args: argparse.Namespace, device: torch.device) -> float:

@@ -1,7 +1,8 @@
 """Gaussian diffusion (SPEC section 3): schedules, q_sample, the training loss, CFG, DDPM and DDIM sampling.
 
-Every random draw can come from a `torch.Generator`, or from a list of generators, one per image, so that an
-image depends on its own seed only (not on the batch it was drawn in).
+Every random draw of a sampler can come from a `torch.Generator`, or from `noise.ImageNoise`, which draws each
+image's noise from its own seed on the sampling device, so that an image does not depend on the batch it was
+drawn in. The samplers key their draws by timestep (start: 0, the step at t: t + 1).
 """
 import math
 from typing import Callable, Sequence
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from noise import ImageNoise
+
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Generator = torch.Generator | Sequence[torch.Generator] | None
+Generator = torch.Generator | ImageNoise | None
 
 
 def linear_betas(T: int) -> np.ndarray:
@@ -36,13 +39,10 @@ def make_betas(schedule: str, T: int) -> np.ndarray:
     raise ValueError(f"unknown beta schedule '{schedule}' (choose linear or cosine)")
 
 
-def randn(shape: Sequence[int], generator: Generator, device: torch.device | str) -> torch.Tensor:
-    """Standard normal noise; with a list of generators, row i is drawn from generator i alone."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
-        return torch.stack(rows).to(device)
+def randn(shape: Sequence[int], generator: Generator, device: torch.device | str, draw: int = 0) -> torch.Tensor:
+    """Standard normal noise; from an ImageNoise, row i comes from image i's seed and the draw key alone."""
+    if isinstance(generator, ImageNoise):
+        return generator.randn(shape, draw).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
 
@@ -114,17 +114,19 @@ class GaussianDiffusion:
 
     def guided_eps(self, model: Model, x: torch.Tensor, t: torch.Tensor, cemb: torch.Tensor, w: float,
                    one_pass: bool = True) -> torch.Tensor:
-        """CFG: (1 + w) eps(x, t, c) - w eps(x, t, 0); one_pass runs both halves as one 2B batch.
+        """CFG: (1 + w) eps(x, t, c) - w eps(x, t, 0) in fp32; one_pass runs both halves as one 2B batch.
 
-        One pass measured as fast as or faster than two on this project's CPU (bench.py rows in the README)
-        and is the usual choice on GPUs, so it is the default everywhere.
+        The network outputs are cast to fp32 before the guidance, which multiplies their rounding by up to 1 + 2w,
+        so that a bf16 forward pass does not decide the sampler update. One pass measured as fast as or faster
+        than two on this project's CPU (bench.py rows in the README) and is the usual choice on GPUs.
         """
         if w == 0:
-            return model(x, t, cemb)
+            return model(x, t, cemb).float()
         if one_pass:
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cemb, torch.zeros_like(cemb)])).chunk(2)
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cemb, torch.zeros_like(cemb)])).float()
+            cond, uncond = out.chunk(2)
         else:
-            cond, uncond = model(x, t, cemb), model(x, t, torch.zeros_like(cemb))
+            cond, uncond = model(x, t, cemb).float(), model(x, t, torch.zeros_like(cemb)).float()
         return (1 + w) * cond - w * uncond
 
     def ddpm_step(self, x: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -143,27 +145,32 @@ class GaussianDiffusion:
         return out + sigma * noise if sigma > 0 and noise is not None else out
 
     @torch.inference_mode()
-    def sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], w: float = 1.8,
+    def sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], *, w: float = 1.8,
                generator: Generator = None, progress: bool = False) -> torch.Tensor:
         """Ancestral DDPM sampling over all T steps; returns x_0 clamped to [-1, 1]."""
-        x = randn(shape, generator, self.device)
+        x = randn(shape, generator, self.device, draw=0)
         for t in tqdm(range(self.T - 1, -1, -1), disable=not progress, desc="DDPM", leave=False):
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
             eps = self.guided_eps(model, x, tt, cemb, w)
-            x = self.ddpm_step(x, t, eps, randn(shape, generator, self.device) if t > 0 else None)
+            x = self.ddpm_step(x, t, eps, randn(shape, generator, self.device, draw=t + 1) if t > 0 else None)
         return x.clamp(-1, 1)
 
     @torch.inference_mode()
-    def ddim_sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], num_steps: int = 50,
+    def ddim_sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], *, num_steps: int = 50,
                     eta: float = 0.0, select: str = "linear", w: float = 1.8, generator: Generator = None,
                     progress: bool = False) -> torch.Tensor:
-        """DDIM sampling over num_steps timesteps chosen by `select`; returns x_0 clamped to [-1, 1]."""
-        tau = ddim_timesteps(self.T, num_steps, select)
-        x = randn(shape, generator, self.device)
+        """DDIM sampling over the distinct timesteps `select` chooses; returns x_0 clamped to [-1, 1].
+
+        A DDIM step from t to the same t returns x (sigma is 0 and the eps terms cancel), so a repeated timestep
+        (the quadratic selection repeats t = 0: three times at 50 steps and T = 1000) is skipped: same images to
+        float rounding, one guided forward fewer per repeat.
+        """
+        tau = sorted(set(ddim_timesteps(self.T, num_steps, select)))
+        x = randn(shape, generator, self.device, draw=0)
         for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
             t, t_prev = tau[i], (tau[i - 1] if i > 0 else -1)
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
             eps = self.guided_eps(model, x, tt, cemb, w)
-            noise = randn(shape, generator, self.device) if eta > 0 and t_prev >= 0 else None
+            noise = randn(shape, generator, self.device, draw=t + 1) if eta > 0 and t_prev >= 0 else None
             x = self.ddim_step(x, t, t_prev, eps, eta, noise)
         return x.clamp(-1, 1)

@@ -1,12 +1,15 @@
 """Sample a model with per-image seeds and score the images: FID (Inception) or proto-FID, and class accuracy.
 
-Image i starts from noise seeded with `seed + i`, so the images do not depend on the batch size or on the
-number of processes; each rank samples every world-th image and only feature statistics travel between ranks.
+Image i's noise comes from seed `seed + i` alone (noise.ImageNoise, drawn on the sampling device), so the images
+do not depend on the batch size or on the number of processes; each rank samples every world-th image and only
+feature statistics (and a grid's few images) travel between ranks. PNGs are encoded in a thread pool while the
+device samples the next batch.
 Used by sample.py (a saved run) and train.py (EMA grids and --fid_every during training).
 """
 import argparse
 import hashlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,15 +20,16 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets import DatasetError, class_grid_labels, load_dataset, save_grid, save_png, to_float, to_uint8
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, ddim_timesteps
 from fid import FeatureStats, dataset_stats, frechet_distance, load_or_make_reference, make_extractor
-from runtime import Dist, FastPath, UserError
+from noise import ImageNoise
+from runtime import Dist, FastPath, UserError, compile_or_eager
 
 
 @dataclass
 class Sampler:
     """How images are drawn: DDIM (steps, eta, timestep selection) or T-step DDPM, guidance w, images per forward
-    pass, the base seed, and the precision of the forward passes."""
+    pass, the base seed, and the speed settings of the forward passes (precision, compile)."""
     ddim: bool
     num_steps: int
     eta: float
@@ -41,9 +45,14 @@ class Sampler:
         return cls(args.ddim, args.num_steps, args.eta, args.select, args.w if w is None else w, args.genbatch,
                    args.seed, fast)
 
+    @property
+    def fixed_batch(self) -> bool:
+        """A compiled network sees one batch shape: the last chunk is padded and its extra images dropped."""
+        return self.fast is not None and self.fast.compile
+
     def steps(self, T: int) -> int:
-        """Network evaluations per image (each a guided pair)."""
-        return self.num_steps if self.ddim else T
+        """Network evaluations per image (each a guided pair); repeated DDIM timesteps are skipped."""
+        return len(set(ddim_timesteps(T, self.num_steps, self.select))) if self.ddim else T
 
     def name(self, T: int) -> str:
         return f"DDIM-{self.num_steps} ({self.select}, eta {self.eta})" if self.ddim else f"DDPM-{T}"
@@ -52,13 +61,52 @@ class Sampler:
         """Autocast for the forward passes, as the run's --amp asks."""
         return self.fast.autocast(device) if self.fast is not None else nullcontext()
 
+    def prepare(self, net: nn.Module, image_shape: tuple[int, int, int], cdim: int, device: torch.device,
+                say: Callable[[str], None]) -> nn.Module:
+        """The network this sampler calls: compiled once for its fixed batch (behind the probe, eager if that
+        fails) when --compile asks, else `net` itself. Reused by every step, batch, grid and FID of a run."""
+        if not self.fixed_batch:
+            return net
+        rows = self.batch if self.w == 0 else 2 * self.batch  # CFG runs both halves as one 2B batch
+        x = torch.zeros((rows,) + tuple(image_shape), device=device)
+        t = torch.zeros(rows, dtype=torch.long, device=device)
+        cemb = torch.zeros(rows, cdim, device=device)
+
+        def probe(m: nn.Module) -> torch.Tensor:
+            with torch.inference_mode(), self.precision(device):
+                return m(x, t, cemb)
+        return compile_or_eager(net, probe, device, say, self.fast.compile_mode)
+
     def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cemb: torch.Tensor, shape: tuple,
-             generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-        """One batch of samples in [-1, 1]."""
+             noise: ImageNoise) -> torch.Tensor:
+        """One batch of samples in [-1, 1]; row i's noise comes from noise's seed i alone."""
         with self.precision(diffusion.device):
             if self.ddim:
-                return diffusion.ddim_sample(net, cemb, shape, self.num_steps, self.eta, self.select, self.w, generator)
-            return diffusion.sample(net, cemb, shape, self.w, generator)
+                return diffusion.ddim_sample(net, cemb, shape, num_steps=self.num_steps, eta=self.eta,
+                                             select=self.select, w=self.w, generator=noise)
+            return diffusion.sample(net, cemb, shape, w=self.w, generator=noise)
+
+
+class PngWriter:
+    """Encodes and writes PNGs in a small thread pool, so that the device samples the next batch meanwhile."""
+
+    def __init__(self, out_dir: str, threads: int = 4):
+        self.out_dir = out_dir
+        self.pool = ThreadPoolExecutor(threads)
+        self.pending: list[Future] = []
+
+    def write(self, indices: list[int], images_u8: torch.Tensor) -> None:
+        """Queue images_u8[k] (on the CPU) as OUT/{indices[k]}.png."""
+        self.pending += [self.pool.submit(save_png, img, os.path.join(self.out_dir, f"{i}.png"))
+                         for i, img in zip(indices, images_u8)]
+
+    def close(self) -> None:
+        """Wait for every queued PNG; the first failed write is raised here."""
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown()
 
 
 @dataclass
@@ -83,14 +131,17 @@ def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
 def generate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, indices: list[int],
              labels: torch.Tensor, shape: tuple[int, int, int], sampler: Sampler,
              progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (image indices, uint8 images) in batches; image i's noise comes from its own seed `seed + i`."""
+    """Yield (image indices, uint8 images on the CPU) in batches; image i's noise comes from seed `seed + i` alone."""
+    device = diffusion.device
     for start in tqdm(range(0, len(indices), sampler.batch), disable=not progress, desc="sampling",
                       dynamic_ncols=True):
         chunk = indices[start:start + sampler.batch]
-        gens = [torch.Generator().manual_seed(sampler.seed + i) for i in chunk]
+        rows = chunk + [chunk[-1]] * (sampler.batch - len(chunk)) if sampler.fixed_batch else chunk
         with torch.inference_mode():
-            cemb = cemblayer(labels[chunk].to(diffusion.device))
-        yield chunk, to_uint8(sampler.draw(diffusion, net, cemb, (len(chunk),) + tuple(shape), gens))
+            cemb = cemblayer(labels[rows].to(device))
+        x = sampler.draw(diffusion, net, cemb, (len(rows),) + tuple(shape),
+                         ImageNoise([sampler.seed + i for i in rows], device))
+        yield chunk, to_uint8(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
 
 
 def classifier_for(path: str) -> nn.Module:
@@ -108,25 +159,40 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
 
 
 def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, labels: torch.Tensor,
-             sampler: Sampler, scoring: Scoring, rank: int = 0, world: int = 1, out_dir: str | None = None,
-             progress: bool = False) -> dict:
-    """Generate one image per label (this rank's share), optionally write them, and return FID and accuracy."""
+             sampler: Sampler, scoring: Scoring | None, rank: int = 0, world: int = 1, out_dir: str | None = None,
+             keep: frozenset[int] = frozenset(), progress: bool = False) -> dict:
+    """Generate one image per label (this rank's share), optionally write them, and score them.
+
+    Returns FID, n and class accuracy when `scoring` is given, and under "kept" this rank's images whose index is
+    in `keep` (for a grid).
+    """
     device = diffusion.device
-    extract, dim = make_extractor(scoring.features, device, scoring.inception_weights, scoring.classifier)
     shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
-    stats = FeatureStats(dim, device)
+    if scoring is not None:
+        extract, dim = make_extractor(scoring.features, device, scoring.inception_weights, scoring.classifier)
+        stats = FeatureStats(dim, device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # correctly classified, classified
-    for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape,
-                              sampler, progress):
-        if out_dir is not None:
-            for i, img in zip(chunk, u8):
-                save_png(img, os.path.join(out_dir, f"{i}.png"))
-        stats.add(extract(u8))
-        if scoring.classifier is not None:
-            with torch.inference_mode():
-                _, logits = scoring.classifier(to_float(u8.to(device)))
-            hits += torch.tensor([(logits.argmax(1).cpu() == labels[chunk]).sum().item(), len(chunk)],
-                                 dtype=torch.float64, device=device)
+    kept = {}
+    writer = PngWriter(out_dir) if out_dir is not None else None
+    try:
+        for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape,
+                                  sampler, progress):
+            if writer is not None:
+                writer.write(chunk, u8)
+            kept.update({i: img for i, img in zip(chunk, u8) if i in keep})
+            if scoring is None:
+                continue
+            stats.add(extract(u8))
+            if scoring.classifier is not None:
+                with torch.inference_mode():
+                    _, logits = scoring.classifier(to_float(u8.to(device)))
+                correct = (logits.argmax(1).cpu() == labels[chunk]).sum()
+                hits += torch.stack([correct.double(), torch.tensor(float(len(chunk)), dtype=torch.float64)]).to(device)
+    finally:
+        if writer is not None:
+            writer.close()
+    if scoring is None:
+        return {"kept": kept}
     stats.all_reduce()
     if world > 1:
         dist.all_reduce(hits)
@@ -142,24 +208,40 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
 
     mu_ref, sigma_ref = load_or_make_reference(scoring.reference, reference, rank == 0)
     mu, sigma = stats.mu_sigma()
-    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": stats.n}
+    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": stats.n, "kept": kept}
     if scoring.classifier is not None:
         result["class_accuracy"] = (hits[0] / hits[1]).item()
     return result
 
 
-def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d: Dist,
-                   fast: FastPath) -> Callable[[nn.Module], dict]:
-    """For train.py --fid_every: EMA models -> FID record, sampling --fid_num images split across ranks."""
+def feature_width(features: str, classifier: nn.Module | None) -> int:
+    """Width of the FID feature space: Inception's pool3 (2048) or the prototype classifier's features."""
+    return 2048 if features == "inception" else classifier.reduce_to_hidden.out_features
+
+
+def few_images_warning(n: int, width: int) -> str | None:
+    """A warning line when n images cannot give a full-rank covariance in `width` dimensions."""
+    if n > width:
+        return None
+    return (f"warning: {n} images for {width}-dimensional features: their covariance is singular, so this FID is "
+            f"biased (upwards) and not comparable with FIDs of more images; use more than {width}")
+
+
+def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d: Dist, sampler: Sampler,
+                   say: Callable[[str], None]) -> Callable[[nn.Module, nn.Module], dict]:
+    """For train.py --fid_every: (sampling net, class embedding) -> FID record of --fid_num images split across
+    ranks, drawn with the run's sampler."""
     path = args.eval_classifier or args.path_proto
     classifier = classifier_for(path).to(d.device) if path else None
     scoring = Scoring(args.fid_features, reference_path(cfg, args.fid_features, args.data_root, path), args.data_root,
                       classifier)
     labels = image_labels(args.fid_num, cfg["num_classes"], "range", args.seed)
-    sampler = Sampler.from_args(args, fast=fast)
+    warning = few_images_warning(args.fid_num, feature_width(args.fid_features, classifier))
+    if warning:
+        say(f"--fid_num: {warning}")
 
-    def run(models: nn.Module) -> dict:
-        r = evaluate(diffusion, models["net"], models["cemblayer"], cfg, labels, sampler, scoring, d.rank, d.world)
+    def run(net: nn.Module, cemblayer: nn.Module) -> dict:
+        r = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world)
         out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
                "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(diffusion.T), "w": args.w,
                "weights": "ema", "reference": os.path.abspath(scoring.reference),
@@ -171,14 +253,13 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
     return run
 
 
-@torch.no_grad()
-def sample_grid(diffusion: GaussianDiffusion, models: nn.Module, cfg: dict, sampler: Sampler, path: str) -> str:
-    """A class-per-row grid of sampler.batch images from one fixed seed, so grids of successive epochs compare."""
+def sample_grid(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, sampler: Sampler,
+                path: str) -> str:
+    """A class-per-row grid of sampler.batch images (images 0.. of the run's seed), so successive grids compare."""
     per_class = sampler.batch // cfg["clsnum"]
-    labels = class_grid_labels(cfg["clsnum"], per_class).to(diffusion.device)
-    with sampler.precision(diffusion.device):
-        cemb = models["cemblayer"](labels)
-    shape = (len(labels), cfg["inch"], cfg["image_size"], cfg["image_size"])
-    x = sampler.draw(diffusion, models["net"], cemb, shape, torch.Generator().manual_seed(sampler.seed))
-    save_grid(to_uint8(x), per_class, path)
+    labels = class_grid_labels(cfg["clsnum"], per_class)
+    shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
+    images = torch.cat([u8 for _, u8 in generate(diffusion, net, cemblayer, list(range(len(labels))), labels, shape,
+                                                 sampler)])
+    save_grid(images, per_class, path)
     return path

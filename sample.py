@@ -2,8 +2,8 @@
 
     python sample.py --path RUN --epoch E --ddim True --genum 100 --genbatch 100 --fid True
     torchrun --standalone --nproc_per_node=gpu sample.py --path RUN --epoch E --ddim True --genum 50000 --fid True
-Image i always starts from noise seeded with `--seed + i` and, for `--label range`, has class i mod clsnum,
-so the PNGs do not depend on `--genbatch` or on the number of processes. Each rank writes its own PNGs;
+Image i's noise comes from seed `--seed + i` alone and, for `--label range`, its class is i mod clsnum, so the PNGs
+do not depend on `--genbatch` or on the number of processes. Each rank writes its own PNGs;
 only feature statistics travel between ranks. RUN may be a run dir of this code (config.json) or of the
 original code (params.txt).
 """
@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import load_run
-from datasets import read_png, save_grid, save_png
+from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
-from evaluate import Sampler, Scoring, classifier_for, evaluate, generate, image_labels, reference_path
+from evaluate import (Sampler, Scoring, classifier_for, evaluate, feature_width, few_images_warning, image_labels,
+                      reference_path)
 from fid import FEATURES
 from runtime import UserError, resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed
 
@@ -36,7 +37,7 @@ def main(args: argparse.Namespace) -> None:
     if not args.path:
         raise UserError("--path (a run dir) is required")
     net, cemblayer, cfg, weights = load_run(args.path, args.epoch, args.weights)
-    fast = resolve_fast_path(args.amp, "False", args.channels_last, d.device)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
     diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "linear"), cfg["T"]), d.device, v=cfg.get("v", 1.0))
@@ -59,29 +60,29 @@ def main(args: argparse.Namespace) -> None:
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
     sampler = Sampler.from_args(args, w=w, fast=fast)
-    if d.is_main:
-        print(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
-              f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)", flush=True)
+    say = print if d.is_main else (lambda msg: None)
+    say(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
+        f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
+    if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
+        say(warning)
+    sampling_net = sampler.prepare(net, (cfg["inch"], cfg["image_size"], cfg["image_size"]), cfg["cdim"], d.device,
+                                   say)
     labels = image_labels(n, clsnum, args.label, args.seed)
-    if args.fid:
-        scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights)
-        result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, out_dir,
-                          progress=d.is_main)
-    else:
-        for chunk, u8 in generate(diffusion, net, cemblayer, list(range(d.rank, n, d.world)), labels,
-                                  (cfg["inch"], cfg["image_size"], cfg["image_size"]), sampler, d.is_main):
-            for i, img in zip(chunk, u8):
-                save_png(img, os.path.join(out_dir, f"{i}.png"))
-    if d.world > 1:
-        dist.barrier()  # every rank's PNGs are on disk
+    per_class = min(10, n // clsnum) if args.label == "range" else 10
+    rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
+    grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
+    scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights) if args.fid else None
+    result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, out_dir,
+                      keep=frozenset(grid_indices), progress=d.is_main)
+    kept = result["kept"]
+    if d.world > 1:  # the grid's few images, from whichever rank drew them
+        shares = [None] * d.world
+        dist.all_gather_object(shares, kept)
+        kept = {i: img for share in shares for i, img in share.items()}
     if d.is_main:
-        per_class = min(10, n // clsnum) if args.label == "range" else 10
-        rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
-        grid_images = [read_png(os.path.join(out_dir, f"{i}.png")) for row in rows for i in row
-                       ] if all(len(r) == per_class for r in rows) else []
         grid_path = out_dir.rstrip("/") + "_grid.png"
-        if grid_images:
-            save_grid(torch.stack(grid_images), per_class, grid_path)
+        if grid_indices:
+            save_grid(torch.stack([kept[i] for i in grid_indices]), per_class, grid_path)
             print(f"{n} PNGs -> {out_dir}/, class grid -> {grid_path}", flush=True)
         if args.fid:
             name = "FID" if args.fid_features == "inception" else "proto-FID"
@@ -95,8 +96,8 @@ def main(args: argparse.Namespace) -> None:
                 record["class_accuracy"] = result["class_accuracy"]
             line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
                                                    if "class_accuracy" in result else "")
-            print(f"{line} ({result['n']} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference {ref})",
-                  flush=True)
+            print(f"{line} ({result['n']} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference "
+                  f"{ref})", flush=True)
             with open(os.path.join(args.path, f"fid_{args.epoch}.txt"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             with open(os.path.join(args.path, "metrics.jsonl"), "a") as f:
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
                    "CUDA, none on CPU); features for FID are always computed in fp32")
     p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
+    p.add_argument("--compile", default="auto", help="torch.compile the network once for the --genbatch shape (the "
+                   "last batch is padded) (True/False; auto: on CUDA only)")
+    p.add_argument("--compile_mode", default="default", help="torch.compile mode: default, "
+                   "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     return p
 

@@ -255,8 +255,12 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         start_epoch, skip = restore(state, resume, args, d, run_dir, log)
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
-    evaluator = make_evaluator(args, cfg, diffusion, d, fast) if args.fid_every else None
-    grids = Sampler.from_args(args, fast=fast)
+    # grids and --fid_every sample the EMA weights through one network, compiled once for the sampler's batch
+    sampler = Sampler.from_args(args, fast=fast)
+    ema = state.ema.module
+    sampling_net = sampler.prepare(ema["net"], (cfg["inch"], cfg["image_size"], cfg["image_size"]), args.cdim,
+                                   d.device, log.line)
+    evaluator = make_evaluator(args, cfg, diffusion, d, sampler, log.line) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
@@ -311,12 +315,19 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         state.scheduler.step()
         if d.is_main and (done % args.sample_every == 0 or last):
             grid = os.path.join(run_dir, "samples", f"grid_{done}.png")
-            log.line(f"sample grid (EMA weights) -> {sample_grid(diffusion, state.ema.module, cfg, grids, grid)}")
+            log.line(f"sample grid (EMA weights) -> "
+                     f"{sample_grid(diffusion, sampling_net, ema['cemblayer'], cfg, sampler, grid)}")
         if evaluator is not None and (done % args.fid_every == 0 or last):
-            result = evaluator(state.ema.module)
-            log.record(event="fid", epoch=done, step=step, **result)
-            log.line(f"epoch {done}: {result['metric']} {result['value']:.4f}" +
-                     (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
+            try:
+                result = evaluator(sampling_net, ema["cemblayer"])
+            except Exception as e:  # days of training are worth more than one evaluation
+                reason = (str(e).strip().splitlines() or [""])[0][:300]
+                log.record(event="fid_error", epoch=done, step=step, error=f"{type(e).__name__}: {reason}")
+                log.line(f"epoch {done}: evaluation failed ({type(e).__name__}: {reason}); training goes on")
+            else:
+                log.record(event="fid", epoch=done, step=step, **result)
+                log.line(f"epoch {done}: {result['metric']} {result['value']:.4f}" +
+                         (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
         if done % args.interval == 0 or last:
             path = save_checkpoint(run_dir, state, done, 0, len(batches), cfg, d.world, args.keep_last)
             log.line(f"checkpoint -> {path}")
@@ -382,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiplier", type=float, default=2.5, help="warm-up peak as a multiple of --lr")
     p.add_argument("--threshold", type=float, default=0.1, help="probability of the null condition (CFG label drop)")
     p.add_argument("--interval", type=int, default=20, help="save a checkpoint every this many epochs (and at the end)")
-    p.add_argument("--genbatch", type=int, default=80, help="images in each sample grid")
+    p.add_argument("--genbatch", type=int, default=80, help="images in each sample grid, and per forward pass of "
+                   "the periodic FID")
     p.add_argument("--clsnum", type=int, default=None, help="classes (rows) in the sample grid (default: all, at most 10)")
     p.add_argument("--ddim", type=str2bool, default=False, help="sample grids with DDIM instead of T-step DDPM")
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps of the sample grids")

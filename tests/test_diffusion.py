@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusion import GaussianDiffusion, ddim_timesteps, drop_condition, linear_betas, randn
+from noise import ImageNoise, philox4x32
 from unet import Unet
 
 T = 1000
@@ -127,8 +128,8 @@ def test_ddim_eta0_with_true_noise_recovers_x0(diff):
 def test_ddim_sample_with_a_perfect_denoiser_returns_x0(diff, eta, select):
     _, abar = closed_form_abar()
     x0 = torch.rand(2, 1, 4, 4) * 1.6 - 0.8
-    out = diff.ddim_sample(Oracle(x0, abar), torch.randn(2, 8), (2, 1, 4, 4), 20, eta, select, w=1.8,
-                           generator=torch.Generator().manual_seed(1))
+    out = diff.ddim_sample(Oracle(x0, abar), torch.randn(2, 8), (2, 1, 4, 4), num_steps=20, eta=eta, select=select,
+                           w=1.8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=1e-3)
 
 
@@ -141,14 +142,59 @@ def test_ddpm_sample_with_a_perfect_denoiser_returns_x0():
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 
-def test_per_image_generators_make_images_independent_of_the_batch(diff):
+def test_per_image_noise_makes_images_independent_of_the_batch(diff):
     torch.manual_seed(0)
     net = Unet(1, 32, 1, (1, 2), 1, 16).eval()
     c = torch.randn(3, 16)
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    both = diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 1.0, generator=gens([10, 11, 12]))
-    last = diff.ddim_sample(net, c[2:], (1, 1, 8, 8), 4, 1.0, generator=gens([12]))
-    torch.testing.assert_close(both[2:], last, atol=1e-5, rtol=1e-5)
-    again = diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 0.0, generator=gens([10, 11, 12]))
-    assert torch.equal(again, diff.ddim_sample(net, c, (3, 1, 8, 8), 4, 0.0, generator=gens([10, 11, 12])))
-    assert randn((2, 3), gens([5, 6]), "cpu")[1].equal(torch.randn(3, generator=torch.Generator().manual_seed(6)))
+    both = diff.ddim_sample(net, c, (3, 1, 8, 8), num_steps=4, eta=1.0, generator=ImageNoise([10, 11, 12], "cpu"))
+    last = diff.ddim_sample(net, c[2:], (1, 1, 8, 8), num_steps=4, eta=1.0, generator=ImageNoise([12], "cpu"))
+    # equal up to rounding: the batch size changes the CPU convolutions' summation order (1e-3 = 0.13 uint8 levels)
+    torch.testing.assert_close(both[2:], last, atol=1e-3, rtol=0)
+    other = diff.ddim_sample(net, c[2:], (1, 1, 8, 8), num_steps=4, eta=1.0, generator=ImageNoise([13], "cpu"))
+    assert (other - last).abs().max() > 0.1  # the seed does decide the image
+    again = diff.ddim_sample(net, c, (3, 1, 8, 8), num_steps=4, generator=ImageNoise([10, 11, 12], "cpu"))
+    assert torch.equal(again, diff.ddim_sample(net, c, (3, 1, 8, 8), num_steps=4,
+                                               generator=ImageNoise([10, 11, 12], "cpu")))
+    assert randn((2, 3), ImageNoise([5, 6], "cpu"), "cpu", draw=4)[1].equal(ImageNoise([6], "cpu").randn((1, 3), 4)[0])
+
+
+@pytest.mark.parametrize("counter,key,expected", [  # Random123's known-answer vectors for Philox4x32-10
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_matches_the_reference_vectors(counter, key, expected):
+    words = philox4x32([torch.tensor(c) for c in counter], [torch.tensor(k) for k in key])
+    assert tuple(int(w) for w in words) == expected
+
+
+def test_image_noise_is_standard_normal_and_independent_across_images_and_draws():
+    from scipy import stats
+    noise = ImageNoise(list(range(64)), "cpu")
+    a, b = noise.randn((64, 3, 16, 16), 0), noise.randn((64, 3, 16, 16), 1)
+    assert stats.kstest(a.flatten().numpy(), "norm").pvalue > 1e-3  # 49,152 draws: a wrong law shows at once
+    n = a[0].numel()
+    for x, y in ((a[0], a[1]), (a[0], b[0]), (a[:, 0, 0, 0], a[:, 0, 0, 1])):
+        r = torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1].abs().item()
+        assert r < 5 / math.sqrt(min(n, x.numel())), r  # 5 standard errors of a correlation of independent draws
+    assert torch.equal(ImageNoise([2**40 + 3], "cpu").randn((1, 5), 9), ImageNoise([2**40 + 3], "cpu").randn((1, 5), 9))
+
+
+def test_quadratic_ddim_skips_repeated_timesteps_and_matches_the_original_loop(diff):
+    tau = ddim_timesteps(T, 50, "quadratic")
+    assert tau[:3] == [0, 0, 0] and len(set(tau)) == 48  # the original repeats t = 0 three times at 50 steps
+    torch.manual_seed(0)
+    net = Unet(1, 32, 1, (1, 2), 1, 16).eval()
+    calls = []
+    counted = lambda x, t, c: calls.append(1) or net(x, t, c)  # noqa: E731
+    c = torch.randn(2, 16)
+    out = diff.ddim_sample(counted, c, (2, 1, 8, 8), num_steps=50, select="quadratic", generator=ImageNoise([1, 2], "cpu"))
+    assert len(calls) == 48
+    with torch.no_grad():  # the original formula: every entry of tau, repeats included
+        x = ImageNoise([1, 2], "cpu").randn((2, 1, 8, 8), 0)
+        for i in range(len(tau) - 1, -1, -1):
+            t = torch.full((2,), tau[i], dtype=torch.long)
+            x = diff.ddim_step(x, tau[i], tau[i - 1] if i else -1, diff.guided_eps(net, x, t, c, 1.8), 0.0, None)
+    # a step from t to t adds and removes sqrt(1 - abar_t) eps: exact up to fp32 rounding of x (|x| <~ 4)
+    torch.testing.assert_close(out, x.clamp(-1, 1), atol=1e-5, rtol=0)

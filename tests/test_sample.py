@@ -59,7 +59,10 @@ def test_images_do_not_depend_on_genbatch_or_process_count(run_dir, tmp_path):
         outs[name] = pngs(tmp_path / name)
     assert len(outs["b20"]) == 20 and outs["b20"][0].shape == (8, 8)  # one-channel digits stay grayscale
     for name in ("b6", "ddp"):
-        assert all(np.array_equal(a, b) for a, b in zip(outs["b20"], outs[name])), name
+        diff = np.abs(np.stack(outs["b20"]).astype(int) - np.stack(outs[name]).astype(int))
+        # the noise is identical; the CPU convolutions' summation order depends on the batch size, which can move
+        # a pixel that sits on a rounding boundary by one uint8 level (seen: 1 pixel of 1,280)
+        assert diff.max() <= 1 and (diff == 0).mean() >= 0.995, (name, diff.max(), (diff == 0).mean())
     assert not all(np.array_equal(outs["b20"][0], o) for o in outs["b20"][1:])
     grid = Image.open(str(tmp_path / "b20") + "_grid.png")
     assert grid.size == (2 + 2 * 10, 2 + 10 * 10)  # 10 classes in rows, 2 images per class
