@@ -68,13 +68,11 @@ class Sampler:
         if not self.fixed_batch:
             return net
         rows = self.batch if self.w == 0 else 2 * self.batch  # CFG runs both halves as one 2B batch
-        x = torch.zeros((rows,) + tuple(image_shape), device=device)
-        t = torch.zeros(rows, dtype=torch.long, device=device)
-        cemb = torch.zeros(rows, cdim, device=device)
 
-        def probe(m: nn.Module) -> torch.Tensor:
+        def probe(m: nn.Module) -> torch.Tensor:  # inputs made as the samplers make theirs: inference tensors
             with torch.inference_mode(), self.precision(device):
-                return m(x, t, cemb)
+                return m(torch.zeros((rows,) + tuple(image_shape), device=device),
+                         torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(rows, cdim, device=device))
         return compile_or_eager(net, probe, device, say, self.fast.compile_mode)
 
     def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cemb: torch.Tensor, shape: tuple,
