@@ -165,9 +165,10 @@ def tune(out_dir: str) -> int:
         lines = [x for x in read(os.path.join(out_dir, f"row_{i}.json")).splitlines() if x.startswith("{")]
         if lines:
             bench = json.loads(lines[-1])
-            (r,) = bench["rows"].values()
+            # a training row, or the sampling row that runs the compiled network (CFG as one 2B forward)
+            label, r = next((k, v) for k, v in bench["rows"].items() if k.startswith("train step") or "one 2B" in k)
             row.update(img_per_s=r["img_per_s"], compile_s=r["compile_s"], peak_mem_gb=r["peak_mem_gb"])
-            flops = bench["train_flops_per_step"]
+            flops = bench["train_flops_per_step"] if label.startswith("train") else None
             if flops:
                 row["tflops"] = flops / r["s_per_step"] / 1e12
                 row["pct_matmul"] = 100 * row["tflops"] / bench["bf16_matmul_tflops"]

@@ -108,8 +108,9 @@ def test_bench_profile_and_loop_rows_on_cpu(tmp_path):
     assert "convolution" in table and "% of the wall time" in table
 
 
-def test_gpu_tune_runs_its_grid_on_cpu(tmp_path):
-    env = dict(run_env(), GPU_TUNE_OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+@pytest.mark.parametrize("sweep", ["train", "sample"])
+def test_gpu_tune_runs_its_grid_on_cpu(tmp_path, sweep):
+    env = dict(run_env(), GPU_TUNE_OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", SWEEP=sweep)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_tune.sh")], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
