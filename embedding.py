@@ -8,8 +8,9 @@ from torch import nn
 class ConditionalEmbedding(nn.Module):
     """Label -> table row (d_model) -> Linear, SiLU, Linear (dim); the output conditions the UNet.
 
-    Unlike the original we pass no padding_idx: there it froze class 0's row at zero, which made class 0
-    indistinguishable from the CFG null condition.
+    Unlike the original we pass no padding_idx. Its padding_idx=0 fixed class 0's table row at zero with no
+    gradient, so that row never learned in `regular` (nor a loaded prototype row 0 in `proto_unfrozen`); class 0
+    was still distinct from the CFG null condition, which zeroes this module's output, while class 0 got MLP(0).
     """
 
     def __init__(self, num_labels: int, d_model: int, dim: int):

@@ -10,7 +10,9 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
+import time
 from unittest import mock
 
 import torch
@@ -51,6 +53,17 @@ def random_run(work: str, flags: list[str]) -> None:
                 "config": {"cdim": cfg["cdim"], "scale": 2.0}, "classes": cfg["classes"]}, os.path.join(work, "random_classifier.pt"))
 
 
+def commit() -> str | None:
+    """The commit under test: $GIT_COMMIT (a copied tree has no .git), else git's HEAD, else None."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def read(path: str) -> str:
     return open(path).read() if os.path.isfile(path) else ""
 
@@ -84,7 +97,8 @@ def report(out_dir: str, work: str, genum: int, loss_max: float) -> int:
     for line in read(os.path.join(work, "steps.tsv")).splitlines():
         name, rc, seconds = line.split("\t")
         steps[name] = {"rc": int(rc), "seconds": int(seconds)}
-    rep = {"environment": read(os.path.join(work, "env.txt")).strip(), "steps": steps}
+    rep = {"environment": read(os.path.join(work, "env.txt")).strip(), "date": time.strftime("%Y-%m-%d"),
+           "commit": commit(), "steps": steps}
     tests_log = read(os.path.join(out_dir, "tests.log")) if "tests" in steps else ""
     rep["tests"] = {"summary": (re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped).*?)(?: in [\d.]+s)?\s*=*$",
                                            tests_log, re.M) or [""])[-1],
@@ -178,7 +192,7 @@ def tune(out_dir: str) -> int:
     measured = [r for r in rows if "img_per_s" in r]
     best = max(measured, key=lambda r: r["img_per_s"], default=None)
     head = bench or {}
-    rep = {"device": head.get("device"), "torch": head.get("torch"), "date": head.get("date"),
+    rep = {"device": head.get("device"), "torch": head.get("torch"), "date": head.get("date"), "commit": commit(),
            "bf16_matmul_tflops": head.get("bf16_matmul_tflops"), "bf16_peak_tflops": head.get("bf16_peak_tflops"),
            "rows": rows, "best": best}
     with open(os.path.join(out_dir, "tune.json"), "w") as f:
