@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime import UserError, run_cli  # noqa: E402
+from runtime import ANY, Rule, UserError, check_flags, run_cli  # noqa: E402
 
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
 
@@ -60,10 +60,19 @@ def mean_sd(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    "thresholds": Rule(lambda v: len(v) > 0 and all(0 <= x <= 1 for x in v), "class accuracies in [0, 1]", "2"),
+    **{flag: ANY for flag in ("runs", "out", "baseline", "title")},  # run dirs and the arm are checked when read
+}
+
+
 def main(args: argparse.Namespace) -> None:
+    check_flags(args, FLAG_RULES)
     runs = collect(args.runs)
     base = args.baseline
     arms = order(runs)
+    if base not in runs and base != "regular":  # without the default arm the report simply has no paired table
+        raise UserError(f"--baseline '{base}' is none of the arms found: {', '.join(arms)}")
     steps = sorted({s for a in arms for seed in runs[a] for s in runs[a][seed]})
     lines = ["## Mean ± sd over seeds: class accuracy % / proto-FID", "",
              "| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -141,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"-> {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'curves.png')}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Mean and spread over seeds of proto-FID and class accuracy per arm, "
                                 "and differences to regular paired by seed.")
     p.add_argument("runs", nargs="+", help="run dirs")
@@ -152,4 +161,8 @@ if __name__ == "__main__":
                    help="class accuracies for the steps-to-threshold table")
     p.add_argument("--title", default="digits: mean over seeds (top), paired differences to the baseline (bottom)",
                    help="plot title")
-    run_cli(main, p)
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from runtime import UserError, run_cli  # noqa: E402
+from runtime import ANY, UserError, check_flags, run_cli  # noqa: E402
 
 
 def fid_curve(run_dir: str) -> tuple[str, str, list[int], list[float]]:
@@ -30,7 +30,11 @@ def fid_curve(run_dir: str) -> tuple[str, str, list[int], list[float]]:
         [last[e]["value"] for e in epochs]
 
 
+FLAG_RULES = {flag: ANY for flag in ("runs", "out", "title")}  # run dirs are checked as they are read
+
+
 def main(args: argparse.Namespace) -> None:
+    check_flags(args, FLAG_RULES)
     curves = [fid_curve(r) for r in args.runs]
     metrics = {c[1] for c in curves}
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -46,9 +50,13 @@ def main(args: argparse.Namespace) -> None:
     print(f"{len(curves)} curve(s) -> {args.out}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Plot FID against epoch for several runs.")
     p.add_argument("runs", nargs="+", help="run dirs with metrics.jsonl")
     p.add_argument("--out", default="fid_vs_epoch.png", help="PNG to write")
     p.add_argument("--title", default="FID vs epoch", help="plot title")
-    run_cli(main, p)
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

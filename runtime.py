@@ -39,45 +39,69 @@ def int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers like 1,2,4,4, got '{s}'") from None
 
 
-Rule = tuple[Callable[[Any], bool], str]  # a flag's test and the valid values in words, for the error line
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A flag's valid values: the test, the values in words (for the error line), and a value on the command
+    line that breaks the rule (None: every value is valid), which tests/test_flags.py tries on every flag."""
+    ok: Callable[[Any], bool]
+    valid: str
+    bad: str | None
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+ANY = Rule(lambda v: True, "any value", None)  # paths, titles and str2bool flags (argparse checks those)
 
 
 def finite() -> Rule:
-    return _finite, "a finite number"
+    return Rule(_finite, "a finite number", "nan")
 
 
 def at_least(lo: float) -> Rule:
-    return (lambda v: _finite(v) and v >= lo), f">= {lo}"
+    return Rule(lambda v: _finite(v) and v >= lo, f">= {lo}", str(lo - 1))
 
 
 def above(lo: float) -> Rule:
-    return (lambda v: _finite(v) and v > lo), f"> {lo}"
+    return Rule(lambda v: _finite(v) and v > lo, f"> {lo}", str(lo))
 
 
 def between(lo: float, hi: float, below_hi: bool = False) -> Rule:
     """[lo, hi], or [lo, hi) with below_hi."""
     if below_hi:
-        return (lambda v: _finite(v) and lo <= v < hi), f"in [{lo}, {hi})"
-    return (lambda v: _finite(v) and lo <= v <= hi), f"in [{lo}, {hi}]"
+        return Rule(lambda v: _finite(v) and lo <= v < hi, f"in [{lo}, {hi})", str(hi))
+    return Rule(lambda v: _finite(v) and lo <= v <= hi, f"in [{lo}, {hi}]", str(hi + 1))
 
 
 def one_of(*choices: str) -> Rule:
-    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}", "unknown")
 
 
-NATIVE_OR_SIZE: Rule = (lambda v: v == -1 or (_finite(v) and v >= 1)), "-1 (native size) or >= 1"
+def unset_or(rule: Rule, unset: str) -> Rule:
+    """None (the flag left out, which means `unset`) or a value the rule accepts."""
+    return Rule(lambda v: v is None or rule.ok(v), f"{rule.valid} (left out: {unset})", rule.bad)
+
+
+NATIVE_OR_SIZE = Rule(lambda v: v == -1 or (_finite(v) and v >= 1), "-1 (native size) or >= 1", "0")
+POSITIVE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(m) and m >= 1 for m in v), "positive integers like 1,2,4,4",
+                     "0")
+AUTO_OR_BOOL = Rule(lambda v: str(v).strip().lower() in ("auto", "true", "false", "1", "0", "yes", "no", "y", "n"),
+                    "auto, True or False", "maybe")
+DEVICE = one_of("auto", "cuda", "cpu")
+COMPILE_MODE = Rule(lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}", "fastest")
+AMP = one_of("auto", "bf16", "fp16", "none")
 
 
 def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
     """Refuse the first flag outside its valid values, naming the flag and the values (nan and inf never pass)."""
-    for flag, (ok, valid) in rules.items():
+    for flag, rule in rules.items():
         value = getattr(args, flag)
-        if not ok(value):
-            raise UserError(f"--{flag} must be {valid}; got {value}")
+        if not rule.ok(value):
+            raise UserError(f"--{flag} must be {rule.valid}; got {value}")
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
@@ -155,9 +179,6 @@ def broadcast_object(obj: Any) -> Any:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
-
-
 @dataclass
 class FastPath:
     """The speed settings of a run, with 'auto' resolved per device: everything on CUDA; fp32 eager on CPU."""
@@ -181,27 +202,19 @@ def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.
     """Turn the --amp / --compile / --channels_last / --compile_mode flags into settings for `device`.
 
     On CPU, channels_last is on by default: it measured faster for this UNet at 8x8, 16x16 and 32x32
-    (README, Performance); compile is off (minutes of compilation, and it measured slower than
+    (docs/performance.md); compile is off (minutes of compilation, and it measured slower than
     channels_last eager) and so is bf16 (the CPU path stays fp32).
     """
     cuda = device.type == "cuda"
     if amp == "auto":
         amp = "bf16" if cuda else "none"
-    if amp not in AMP_DTYPES:
-        raise UserError(f"unknown --amp '{amp}' (choose bf16, fp16, none or auto)")
-    if compile_mode not in COMPILE_MODES:
-        raise UserError(f"unknown --compile_mode '{compile_mode}' (choose {', '.join(COMPILE_MODES)})")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls and convs that remain
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # every training shape is fixed, so each is tuned once
-    flags = {}
-    for name, value, default in (("compile", compile, cuda), ("channels_last", channels_last, True)):
-        try:
-            flags[name] = default if value == "auto" else str2bool(value)
-        except argparse.ArgumentTypeError:
-            raise UserError(f"--{name} must be auto, True or False; got '{value}'") from None
-    return FastPath(AMP_DTYPES[amp], flags["compile"], flags["channels_last"], compile_mode)
+    use_compile = cuda if str(compile).lower() == "auto" else str2bool(compile)  # values checked by AUTO_OR_BOOL
+    use_channels_last = True if str(channels_last).lower() == "auto" else str2bool(channels_last)
+    return FastPath(AMP_DTYPES[amp], use_compile, use_channels_last, compile_mode)
 
 
 def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module], torch.Tensor],

@@ -21,19 +21,31 @@ from diffusion import GaussianDiffusion, make_betas
 from evaluate import (Sampler, Scoring, classifier_for, evaluate, feature_width, few_images_warning, image_labels,
                       reference_path)
 from fid import FEATURES
-from runtime import UserError, resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, UserError, at_least, check_flags, finite, one_of,
+                     resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed, unset_or)
+
+
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    **{flag: at_least(0) for flag in ("epoch", "eta", "seed")},
+    **{flag: at_least(1) for flag in ("genum", "genbatch")},
+    "num_steps": at_least(2),  # and at most the run's T, checked with it
+    "clsnum": unset_or(at_least(1), "all of the run's classes"), "w": unset_or(finite(), "the run's --w"),
+    "weights": unset_or(one_of("ema", "raw"), "ema when the checkpoint has it"),
+    "select": one_of("linear", "quadratic"), "label": one_of("range", "random"), "fid_features": one_of(*FEATURES),
+    "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
+    "device": DEVICE,
+    **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
+                              "data_root", "out", "local_rank")},
+}
 
 
 def main(args: argparse.Namespace) -> None:
+    check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
-    if args.fid_features not in FEATURES:
-        raise UserError(f"unknown --fid_features '{args.fid_features}' (choose from {', '.join(FEATURES)})")
     clf_path = args.eval_classifier or args.path_proto
     if args.fid_features == "classifier" and not clf_path:
         raise UserError("--fid_features classifier needs --path_proto or --eval_classifier (a train_classifier.py "
                         "checkpoint)")
-    if args.weights not in (None, "ema", "raw"):
-        raise UserError(f"unknown --weights '{args.weights}' (choose ema or raw)")
     if not args.path:
         raise UserError("--path (a run dir) is required")
     net, cemblayer, cfg, weights = load_run(args.path, args.epoch, args.weights)
@@ -44,7 +56,7 @@ def main(args: argparse.Namespace) -> None:
     if args.ddim and not 2 <= args.num_steps <= diffusion.T:
         raise UserError(f"--num_steps must be between 2 and T ({diffusion.T}); got {args.num_steps}")
     w = cfg.get("w", 1.8) if args.w is None else args.w
-    clsnum = args.clsnum or cfg["num_classes"]
+    clsnum = cfg["num_classes"] if args.clsnum is None else args.clsnum
     if not 1 <= clsnum <= cfg["num_classes"]:
         raise UserError(f"--clsnum must be between 1 and the run's {cfg['num_classes']} classes")
     n = args.genum
@@ -63,6 +75,8 @@ def main(args: argparse.Namespace) -> None:
     say = print if d.is_main else (lambda msg: None)
     say(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
         f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
+    if args.fid and n < 2:
+        raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
     if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
         say(warning)
     sampling_net = sampler.prepare(net, (cfg["inch"], cfg["image_size"], cfg["image_size"]), cfg["cdim"], d.device,

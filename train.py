@@ -27,9 +27,10 @@ from diffusion import GaussianDiffusion, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (NATIVE_OR_SIZE, Dist, RunLog, StopSignal, UserError, above, adamw, at_least, between,
-                     broadcast_object, check_flags, finite, int_list, one_of, resolve_fast_path,
-                     run_cli, seed_everything, setup_distributed, str2bool, teardown_distributed)
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, NATIVE_OR_SIZE, POSITIVE_LIST, Dist, Rule, RunLog,
+                     StopSignal, UserError, above, adamw, at_least, between, broadcast_object, check_flags, finite,
+                     int_list, one_of, resolve_fast_path, run_cli, seed_everything, setup_distributed, str2bool,
+                     teardown_distributed, unset_or)
 from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
@@ -41,16 +42,32 @@ FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
 
 
-FLAG_RULES = {
+def _norm_value(v: str) -> bool:
+    try:
+        return math.isfinite(float(v)) and float(v) > 0
+    except ValueError:
+        return False
+
+
+PROTO_NORM = Rule(lambda v: v in ("keep", "default") or _norm_value(v), "keep, default or a number > 0", "-1")
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(1) for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T",
-                                      "modch", "cdim", "numres")},
-    **{flag: at_least(0) for flag in ("max_steps", "keep_last", "fid_every", "weight_decay", "eta")},
+                                      "modch", "cdim", "numres", "numworkers")},
+    **{flag: at_least(0) for flag in ("max_steps", "keep_last", "fid_every", "weight_decay", "eta", "seed")},
     "fid_num": at_least(2),  # a covariance needs two images
-    "image_size": NATIVE_OR_SIZE,
+    "num_steps": at_least(2),  # and at most --T, checked with it
+    "image_size": NATIVE_OR_SIZE, "chmul": POSITIVE_LIST,
+    **{flag: unset_or(at_least(1), "the dataset's channels") for flag in ("inch", "outch")},
+    "clsnum": unset_or(at_least(1), "all classes, at most 10"),
     "lr": above(0), "multiplier": at_least(1),  # the warm-up starts at lr and rises to lr x multiplier
     "threshold": between(0, 1), "droprate": between(0, 1, below_hi=True), "ema_decay": between(0, 1),
     "low_t_frac": between(0, 1), "v": between(0, 1), "w": finite(),
     "schedule": one_of("linear", "cosine"), "select": one_of("linear", "quadratic"),
+    "mode": one_of(*MODES), "dataset": one_of(*DATASETS), "fid_features": one_of("inception", "classifier"),
+    "proto_norm": PROTO_NORM, "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
+    "compile_mode": COMPILE_MODE, "device": DEVICE,
+    **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root", "tiny_imagenet_path",
+                              "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
 }
 
 
@@ -63,13 +80,7 @@ def table_norm(args: argparse.Namespace) -> float | None:
                         "not to --mode regular")
     if args.proto_norm == "default":
         return expected_row_norm(args.cdim)
-    try:
-        norm = float(args.proto_norm)
-    except ValueError:
-        norm = float("nan")
-    if not (math.isfinite(norm) and norm > 0):
-        raise UserError(f"--proto_norm must be keep, default or a number > 0; got {args.proto_norm}")
-    return norm
+    return float(args.proto_norm)  # checked by PROTO_NORM
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float):
@@ -89,13 +100,9 @@ def validate(args: argparse.Namespace) -> None:
     """Refuse flag values and combinations that cannot work, before any data is touched or file written."""
     check_flags(args, FLAG_RULES)
     table_norm(args)
-    if args.mode not in MODES:
-        raise UserError(f"unknown --mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.mode != "regular" and not args.path_proto:
         raise UserError(f"--mode {args.mode} needs --path_proto (a prototype checkpoint from train_classifier.py, "
                         "the authors' best_model.pt, or a [classes, cdim] tensor)")
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
     try:
         check_unet_config(args.modch, args.chmul)
     except ValueError as e:
@@ -106,8 +113,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--num_steps must be between 2 and --T ({args.T}); got {args.num_steps}")
     if args.fid_every and args.fid_features == "classifier" and not (args.eval_classifier or args.path_proto):
         raise UserError("--fid_every with --fid_features classifier needs --eval_classifier (or --path_proto)")
-    if args.fid_every and args.fid_features not in ("inception", "classifier"):
-        raise UserError(f"unknown --fid_features '{args.fid_features}' (choose inception or classifier)")
 
 
 def read_resume(args: argparse.Namespace) -> dict | None:
@@ -138,7 +143,7 @@ def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
         if getattr(args, flag) not in (None, data.channels):
             raise UserError(f"--{flag} {getattr(args, flag)} does not match {args.dataset}'s {data.channels} "
                             "channel(s); leave it unset to follow the dataset")
-    clsnum = args.clsnum or min(len(data.classes), 10)
+    clsnum = min(len(data.classes), 10) if args.clsnum is None else args.clsnum
     if not 1 <= clsnum <= len(data.classes) or args.genbatch < clsnum:
         raise UserError(f"the sample grid needs 1 <= --clsnum <= {len(data.classes)} and --genbatch >= --clsnum; "
                         f"got clsnum {clsnum}, genbatch {args.genbatch}")
@@ -217,6 +222,7 @@ def restore(state: TrainState, resume: dict, args: argparse.Namespace, d: Dist, 
 def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     """Train; returns this rank's final modules (net, cemblayer, ema) for callers such as tests."""
     # --- setup and config: torchrun's process group, the run's flags (its own on resume), the speed settings
+    check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
     resume = read_resume(args)
     validate(args)

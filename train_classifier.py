@@ -16,8 +16,8 @@ from tqdm import tqdm
 from checkpoints import save_atomic
 from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18
-from runtime import (NATIVE_OR_SIZE, UserError, above, at_least, check_flags, run_cli, seed_everything, setup_distributed, str2bool,
-                     teardown_distributed)
+from runtime import (ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli,
+                     seed_everything, setup_distributed, str2bool, teardown_distributed)
 
 
 def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
@@ -46,10 +46,12 @@ def test_accuracy(model: PrototypeClassifier, images: torch.Tensor, labels: torc
     return (counts[0] / counts[1]).item()
 
 
-FLAG_RULES = {
-    **{flag: at_least(1) for flag in ("epoch", "batchsize", "cdim")},
-    "image_size": NATIVE_OR_SIZE,
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    **{flag: at_least(1) for flag in ("epoch", "batchsize", "cdim", "numworkers")},
+    "image_size": NATIVE_OR_SIZE, "seed": at_least(0),
     "lr": above(0), "center_lr_mult": above(0), "scale": above(0), "pl_weight": at_least(0),
+    "dataset": one_of(*DATASETS), "device": DEVICE,
+    **{flag: ANY for flag in ("data_root", "download", "tiny_imagenet_path", "pretrained", "out")},
 }
 
 
@@ -57,8 +59,6 @@ def main(args: argparse.Namespace) -> None:
     """Train the prototype classifier and write its checkpoint to --out (nothing is written on a bad flag)."""
     check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
     try:

@@ -163,7 +163,7 @@ MATRIX = [
     (T, TINY + ["--mode", "proto_frozen", "--path_proto", "{d}/absent.pt", "--run_dir", "{d}/new"], "does not exist"),
     (T, TINY + ["--num_steps", "1"], "--num_steps"),
     (T, TINY + ["--image_size", "12", "--chmul", "1,2,2,2"], "cannot be halved"),
-    (C, ["--dataset", "imagenet", "--out", "{d}/c.pt"], "unknown --dataset"),
+    (C, ["--dataset", "imagenet", "--out", "{d}/c.pt"], "--dataset must be one of"),
     (C, ["--dataset", "cifar10", "--download", "False", "--data_root", "{d}/nodata", "--out", "{d}/c.pt"], "cifar10"),
     (C, ["--dataset", "digits", "--out", "{d}/narrow.pt"], "already exists"),
     (S, ["--path", "{d}/corrupt"] + SAMPLE_OK, "corrupt"),
@@ -171,7 +171,7 @@ MATRIX = [
     (S, ["--path", "{d}/run", "--epoch", "9"], "saved epochs: 1"),
     (S, ["--path", "{d}/nowhere"] + SAMPLE_OK, "not a directory"),
     (S, ["--path", "{d}/run", "--epoch", "1", "--ddim", "True", "--num_steps", "5000"], "--num_steps"),
-    (S, ["--path", "{d}/run", "--fid_features", "vgg"] + SAMPLE_OK, "unknown --fid_features"),
+    (S, ["--path", "{d}/run", "--fid_features", "vgg"] + SAMPLE_OK, "--fid_features must be one of"),
     (S, ["--path", "{d}/run", "--fid_features", "classifier"] + SAMPLE_OK, "needs --path_proto"),
     (S, ["--path", "{d}/run", "--path_proto", "{d}/narrow.pt", "--out", "{d}/s"] + SAMPLE_OK, "no classifier"),
 ]

@@ -115,9 +115,9 @@ def test_original_readme_flags_parse_and_fail_clearly_offline(tmp_path):
 @pytest.mark.parametrize("flags,msg", [
     (["--modch", "48"], "multiple of 32"),
     (["--chmul", "1,2,2,2,2"], "halved"),
-    (["--mode", "protos"], "unknown --mode"),
+    (["--mode", "protos"], "--mode must be one of"),
     (["--mode", "proto_frozen"], "needs --path_proto"),
-    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--dataset", "mnist"], "--dataset must be one of"),
     (["--chmul", "a,b"], "expected integers"),
     (["--ddim", "maybe"], "expected True/False"),
 ])
