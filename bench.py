@@ -50,6 +50,11 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return None
 
 
+def say(msg: str) -> None:
+    """Progress lines go to stderr: stdout may be the --json line."""
+    print(msg, file=sys.stderr)
+
+
 def datasheet_peak(name: str) -> float | None:
     """The card's dense bf16 peak in TFLOP/s by its name, or None for a card not in the table."""
     return next((v for k, v in BF16_PEAK_TFLOPS if k in name), None)
@@ -75,10 +80,10 @@ def build(args: argparse.Namespace, device: torch.device, fast: FastPath | None)
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     net = Unet(args.inch, args.modch, args.inch, args.chmul, args.numres, args.cdim).to(device)
-    cemb = ConditionalEmbedding(args.classes, args.cdim, args.cdim).to(device)
+    cemblayer = ConditionalEmbedding(args.classes, args.cdim, args.cdim).to(device)
     if fast is not None and fast.channels_last:
         net.to(memory_format=torch.channels_last)
-    return torch.nn.ModuleDict({"net": net, "cemblayer": cemb})
+    return torch.nn.ModuleDict({"net": net, "cemblayer": cemblayer})
 
 
 def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: torch.device,
@@ -93,7 +98,6 @@ def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: 
         opt = adamw(params, 5e-4, 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == torch.float16)
     diffusion = GaussianDiffusion(linear_betas(1000), device)
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout may be the --json line)
     loss = make_loss(models, diffusion, 0.1, fast, device, example, say)
     return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast.cudagraphs)
 
@@ -194,24 +198,22 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
     """Images/s of a --num_steps DDIM run with CFG, timed over --sample_timed_steps steps of the product's path
     (the network Sampler.prepare compiles, fp32 guidance, per-image device noise for the start)."""
     models = build(args, device, fast).eval()
-    cemb = models["cemblayer"]
     b = args.sample_batch or args.batchsize
     shape = (args.inch, args.image_size, args.image_size)
     sampler = Sampler(True, args.num_steps, 0.0, "linear", 1.8, b, 0, fast)
     t0 = time.perf_counter()
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout may be the --json line)
     net = sampler.prepare(models["net"], shape, args.cdim, device, say) if one_pass else models["net"]
     compile_s = time.perf_counter() - t0
     diff = GaussianDiffusion(linear_betas(1000), device)
     x = ImageNoise(list(range(b)), device).randn((b,) + shape, 0)
     with torch.inference_mode():
-        c = cemb(torch.randint(args.classes, (b,), device=device))
+        cond = models["cemblayer"](torch.randint(args.classes, (b,), device=device))
     t = torch.full((b,), 500, device=device, dtype=torch.long)
 
     @torch.inference_mode()
     def step(x):
         with sampler.precision(device):
-            eps = diff.guided_eps(net, x, t, c, 1.8, one_pass=one_pass)
+            eps = diff.guided_eps(net, x, t, cond, 1.8, one_pass=one_pass)
         return diff.ddim_step(x, 500, 480, eps, 0.0, None)
 
     if device.type == "cuda":

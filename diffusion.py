@@ -47,11 +47,11 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device | str
     return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
 
 
-def drop_condition(cemb: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each row of the class embedding by the null condition (zeros) with probability p (CFG training)."""
-    gen_device = generator.device if generator is not None else cemb.device
-    keep = torch.rand(cemb.shape[0], generator=generator, device=gen_device).to(cemb.device) >= p
-    return cemb * keep[:, None].to(cemb.dtype)
+def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each row of the class condition by the null condition (zeros) with probability p (CFG training)."""
+    gen_device = generator.device if generator is not None else cond.device
+    keep = torch.rand(cond.shape[0], generator=generator, device=gen_device).to(cond.device) >= p
+    return cond * keep[:, None].to(cond.dtype)
 
 
 def ddim_timesteps(T: int, num_steps: int, select: str = "linear") -> list[int]:
@@ -105,29 +105,29 @@ class GaussianDiffusion:
                        torch.randint(min(self.low_t_max, self.T), (n_low,), generator=generator, device=gen_device)])
         return t.to(self.device)
 
-    def train_loss(self, model: Model, x0: torch.Tensor, cemb: torch.Tensor,
+    def train_loss(self, model: Model, x0: torch.Tensor, cond: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean squared error between the predicted and the true noise over all elements."""
         t = self.sample_timesteps(x0.shape[0], generator)
         noise = randn(x0.shape, generator, x0.device)
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t, cemb), noise)
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t, cond), noise)
 
-    def guided_eps(self, model: Model, x: torch.Tensor, t: torch.Tensor, cemb: torch.Tensor, w: float,
+    def guided_eps(self, model: Model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: float,
                    one_pass: bool = True) -> torch.Tensor:
-        """CFG: (1 + w) eps(x, t, c) - w eps(x, t, 0) in fp32; one_pass runs both halves as one 2B batch.
+        """CFG: (1 + w) eps(x, t, cond) - w eps(x, t, 0) in fp32; one_pass runs both halves as one 2B batch.
 
         The network outputs are cast to fp32 before the guidance, which multiplies their rounding by up to 1 + 2w,
         so that a bf16 forward pass does not decide the sampler update. One pass measured as fast as or faster
         than two on this project's CPU (bench.py rows in the README) and is the usual choice on GPUs.
         """
         if w == 0:
-            return model(x, t, cemb).float()
+            return model(x, t, cond).float()
         if one_pass:
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cemb, torch.zeros_like(cemb)])).float()
-            cond, uncond = out.chunk(2)
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)])).float()
+            eps_cond, eps_null = out.chunk(2)
         else:
-            cond, uncond = model(x, t, cemb).float(), model(x, t, torch.zeros_like(cemb)).float()
-        return (1 + w) * cond - w * uncond
+            eps_cond, eps_null = model(x, t, cond).float(), model(x, t, torch.zeros_like(cond)).float()
+        return (1 + w) * eps_cond - w * eps_null
 
     def ddpm_step(self, x: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with no noise at t = 0."""
@@ -145,18 +145,18 @@ class GaussianDiffusion:
         return out + sigma * noise if sigma > 0 and noise is not None else out
 
     @torch.inference_mode()
-    def sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], *, w: float = 1.8,
+    def sample(self, model: Model, cond: torch.Tensor, shape: Sequence[int], *, w: float = 1.8,
                generator: Generator = None, progress: bool = False) -> torch.Tensor:
         """Ancestral DDPM sampling over all T steps; returns x_0 clamped to [-1, 1]."""
         x = randn(shape, generator, self.device, draw=0)
         for t in tqdm(range(self.T - 1, -1, -1), disable=not progress, desc="DDPM", leave=False):
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, tt, cemb, w)
+            eps = self.guided_eps(model, x, tt, cond, w)
             x = self.ddpm_step(x, t, eps, randn(shape, generator, self.device, draw=t + 1) if t > 0 else None)
         return x.clamp(-1, 1)
 
     @torch.inference_mode()
-    def ddim_sample(self, model: Model, cemb: torch.Tensor, shape: Sequence[int], *, num_steps: int = 50,
+    def ddim_sample(self, model: Model, cond: torch.Tensor, shape: Sequence[int], *, num_steps: int = 50,
                     eta: float = 0.0, select: str = "linear", w: float = 1.8, generator: Generator = None,
                     progress: bool = False) -> torch.Tensor:
         """DDIM sampling over the distinct timesteps `select` chooses; returns x_0 clamped to [-1, 1].
@@ -170,7 +170,7 @@ class GaussianDiffusion:
         for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
             t, t_prev = tau[i], (tau[i - 1] if i > 0 else -1)
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, tt, cemb, w)
+            eps = self.guided_eps(model, x, tt, cond, w)
             noise = randn(shape, generator, self.device, draw=t + 1) if eta > 0 and t_prev >= 0 else None
             x = self.ddim_step(x, t, t_prev, eps, eta, noise)
         return x.clamp(-1, 1)

@@ -6,7 +6,7 @@ from torch import nn
 
 
 class ConditionalEmbedding(nn.Module):
-    """Label -> table row (d_model) -> Linear, SiLU, Linear (dim); the output conditions the UNet.
+    """Label -> table row (d_model) -> Linear, SiLU, Linear (dim): the class condition `cond` the UNet takes.
 
     Unlike the original we pass no padding_idx. Its padding_idx=0 fixed class 0's table row at zero with no
     gradient, so that row never learned in `regular` (nor a loaded prototype row 0 in `proto_unfrozen`); class 0
@@ -27,9 +27,9 @@ class ConditionalEmbedding(nn.Module):
         return self.condEmbedding(labels)
 
 
-def set_class_table(cemb: ConditionalEmbedding, rows: torch.Tensor, trainable: bool) -> None:
+def set_class_table(cemblayer: ConditionalEmbedding, rows: torch.Tensor, trainable: bool) -> None:
     """Copy `rows` [C, D] into the class table; a frozen table gets no gradient, so AdamW never touches it."""
-    table = cemb.table
+    table = cemblayer.table
     if tuple(rows.shape) != tuple(table.shape):
         raise ValueError(f"class table is {tuple(table.shape)} (classes x cdim) but the rows given are "
                          f"{tuple(rows.shape)}")

@@ -75,14 +75,14 @@ class Sampler:
                          torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(rows, cdim, device=device))
         return compile_or_eager(net, probe, device, say, self.fast.compile_mode)
 
-    def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cemb: torch.Tensor, shape: tuple,
+    def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cond: torch.Tensor, shape: tuple,
              noise: ImageNoise) -> torch.Tensor:
         """One batch of samples in [-1, 1]; row i's noise comes from noise's seed i alone."""
         with self.precision(diffusion.device):
             if self.ddim:
-                return diffusion.ddim_sample(net, cemb, shape, num_steps=self.num_steps, eta=self.eta,
+                return diffusion.ddim_sample(net, cond, shape, num_steps=self.num_steps, eta=self.eta,
                                              select=self.select, w=self.w, generator=noise)
-            return diffusion.sample(net, cemb, shape, w=self.w, generator=noise)
+            return diffusion.sample(net, cond, shape, w=self.w, generator=noise)
 
 
 class PngWriter:
@@ -136,8 +136,8 @@ def generate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
         chunk = indices[start:start + sampler.batch]
         rows = chunk + [chunk[-1]] * (sampler.batch - len(chunk)) if sampler.fixed_batch else chunk
         with torch.inference_mode():
-            cemb = cemblayer(labels[rows].to(device))
-        x = sampler.draw(diffusion, net, cemb, (len(rows),) + tuple(shape),
+            cond = cemblayer(labels[rows].to(device))
+        x = sampler.draw(diffusion, net, cond, (len(rows),) + tuple(shape),
                          ImageNoise([sampler.seed + i for i in rows], device))
         yield chunk, to_uint8(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
 

@@ -21,7 +21,7 @@ from diffusion import GaussianDiffusion, make_betas
 from evaluate import (Sampler, Scoring, classifier_for, evaluate, feature_width, few_images_warning, image_labels,
                       reference_path)
 from fid import FEATURES
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, UserError, at_least, check_flags, finite, one_of,
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, RunLog, UserError, at_least, check_flags, finite, one_of,
                      resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed, unset_or)
 
 
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
     sampler = Sampler.from_args(args, w=w, fast=fast)
-    say = print if d.is_main else (lambda msg: None)
+    say = RunLog(None, d.is_main).line  # rank 0 prints
     say(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
         f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
     if args.fid and n < 2:

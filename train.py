@@ -190,8 +190,10 @@ def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos
         net, cemblayer = build_models(cfg)
     if protos is not None:
         table, source = protos
-        table = {"random_scaled": lambda: rows_with_norms_of(table, args.seed),
-                 "proto_shuffled": lambda: shuffled_rows(table, args.seed)}.get(args.mode, lambda: table)()
+        if args.mode == "random_scaled":
+            table = rows_with_norms_of(table, args.seed)
+        elif args.mode == "proto_shuffled":
+            table = shuffled_rows(table, args.seed)
         if cfg["proto_row_norm"] is not None:
             table = rows_at_norm(table, cfg["proto_row_norm"])
         set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")

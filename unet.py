@@ -105,7 +105,8 @@ class AttnBlock(nn.Module):
 
 
 class Unet(nn.Module):
-    """eps-prediction UNet conditioned on a timestep and a class embedding of width cdim."""
+    """eps-prediction UNet conditioned on a timestep and a class condition of width cdim (ConditionalEmbedding's
+    output); inside, `temb` and `cemb` are their projections that every ResBlock adds."""
 
     def __init__(self, in_ch: int = 3, mod_ch: int = 64, out_ch: int = 3, ch_mul: tuple[int, ...] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, cdim: int = 128, use_conv: bool = True, droprate: float = 0.1):
@@ -143,9 +144,10 @@ class Unet(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), nn.Conv2d(now, out_ch, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cemb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W], integer timesteps t [B], class condition cond [B, cdim] (zeros: the CFG null condition)."""
         temb = self.temb_layer(timestep_embedding(t, self.mod_ch))
-        cemb = self.cemb_layer(cemb)
+        cemb = self.cemb_layer(cond)  # the condition projected to the blocks' width, like temb
         hs = []
         h = x
         for block in self.downblocks:

@@ -64,9 +64,13 @@ def test_compiled_loss_equals_eager_on_cuda():
     assert compiled == pytest.approx(eager, rel=1e-4)  # inductor fuses and reorders fp32 reductions
 
 
-def test_bf16_loss_within_two_percent_of_fp32_on_cuda():
-    net = small_unet().to(CUDA)
-    assert loss_on(net, CUDA, torch.bfloat16) == pytest.approx(loss_on(net, CUDA), rel=2e-2)  # bf16: 8-bit mantissa
+def test_a_short_bf16_run_follows_the_fp32_run_on_cuda():
+    from test_speed import bf16_vs_fp32
+    # the CPU test's bounds and reasoning (tests/test_speed.py), not yet calibrated on a GPU; the fp32 run is the
+    # product's fp32 path, which allows TF32 (resolve_fast_path turns it on whatever the fixture set)
+    loss_diff, function_diff = bf16_vs_fp32(CUDA)
+    print(f"\nbf16 vs fp32 on CUDA, 30 steps: loss {loss_diff:.2e}, function {function_diff:.2e}")
+    assert loss_diff <= 2e-3 and function_diff <= 1e-2, (loss_diff, function_diff)
 
 
 def test_fused_adamw_on_cuda_equals_the_cpu_step():
