@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU acceptance in one command (README, GPU): the CUDA tests, bench.py at the paper's CIFAR10 config (with
+# GPU acceptance in one command (docs/gpu.md): the CUDA tests, bench.py at the paper's CIFAR10 config (with
 # train.py's own loop and a profile of the step), a torchrun training run on digits with the CUDA defaults that
 # stops and resumes, and sample.py --fid for 10,000 images. Writes GPU_CHECK_OUT/report.json, summary.txt, one log
 # per step and profile/; exits non-zero if any check fails. The step limits add up to 8 minutes.
@@ -18,7 +18,7 @@ mkdir -p "$OUT_DIR" "$WORK"
 rm -rf "$WORK"/run "$WORK"/random_run "$WORK"/steps.tsv
 export PYTHONUNBUFFERED=1
 
-# pytorch-fid from wheels in .whl/ when the machine lacks it and has no network (README, GPU)
+# pytorch-fid from wheels in .whl/ when the machine lacks it and has no network (docs/gpu.md)
 if ! $PY -c "import pytorch_fid" 2>/dev/null && ls .whl/pytorch_fid-*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/pytorch_fid-*.whl \
     && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,7 +35,7 @@ if [ "$CUDA" = 1 ]; then  # the paper's CIFAR10 UNet: mod_ch 64, ch_mul 1,2,4,4,
   # a smaller UNet than the paper's for the run that stops and resumes: compiling the paper's took 119 s on an H200
   TRAIN="--modch 64 --chmul 1,2,2 --numres 1 --image_size 32 --batchsize 128 --epoch 20"
   STOP=150  # 14 steps per epoch: stop inside epoch 11, resume to step 280
-  # the paper's UNet reached 0.022 at step 280 here on an H200 (README, GPU); an untrained one is near 1
+  # the paper's UNet reached 0.022 at step 280 here on an H200 (docs/gpu.md); an untrained one is near 1
   LOSS_MAX=0.1
   GENUM=${GENUM:-10000}; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
 else

@@ -238,7 +238,7 @@ def test_bf16_sampling_changes_images_far_less_than_another_seed(run_dir, tmp_pa
     fids = {name: proto_fid(u8) for name, u8 in (("fp32", fp32), ("bf16", bf16), ("other", other))}
     print(f"\nfp32 vs bf16 sampling: mean {precision.mean():.3f} levels, 99.9th percentile "
           f"{precision.flatten().quantile(0.999):.1f}; another seed: mean {seed.mean():.2f}; proto-FID {fids}")
-    # Measured here (README, Sampling): mean 0.58 levels, 99.9th percentile 48, another seed 117, proto-FID
+    # Measured here (docs/usage.md, sampling): mean 0.58 levels, 99.9th percentile 48, another seed 117, proto-FID
     # 0.02631 (fp32) / 0.02647 (bf16) / 0.02401 (other seed). bf16 keeps 8 significant bits, so each forward pass
     # is off by ~0.4% and 20 deterministic DDIM steps of this barely trained model amplify that at a few edge
     # pixels; the bounds keep 3-4x margin and still sit far below what another seed changes: the mean under 1/50
