@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance in one command (docs/gpu.md): the CUDA tests, bench.py at the paper's CIFAR10 config (with
 # train.py's own loop and a profile of the step), a torchrun training run on digits with the CUDA defaults that
-# stops and resumes, and sample.py --fid for 10,000 images. Writes GPU_CHECK_OUT/report.json, summary.txt, one log
+# stops and resumes, and sample.py --fid for 5,000 images. Writes GPU_CHECK_OUT/report.json, summary.txt, one log
 # per step and profile/; exits non-zero if any check fails. The step limits add up to 8 minutes.
 # Pass thresholds: every step exits 0; the resumed run's last logged loss is below LOSS_MAX; the FID is finite
 # and counts exactly GENUM images.
@@ -30,14 +30,15 @@ $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.
   | tee "$WORK/env.txt"
 
 if [ "$CUDA" = 1 ]; then  # the paper's CIFAR10 UNet: mod_ch 64, ch_mul 1,2,4,4, 2 res blocks, cdim 128, 32x32
-  BENCH="--modch 64 --chmul 1,2,4,4 --image_size 32 --batchsize 128 --steps 10 --warmup 3 --loop_steps 40"
+  BENCH="--modch 64 --chmul 1,2,4,4 --image_size 32 --batchsize 128 --steps 10 --warmup 3 --loop_steps 40
+    --rows train_eager,train,loop"  # sampling speed is the sample step's
   MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32"
   # a smaller UNet than the paper's for the run that stops and resumes: compiling the paper's took 119 s on an H200
   TRAIN="--modch 64 --chmul 1,2,2 --numres 1 --image_size 32 --batchsize 128 --epoch 20"
   STOP=150  # 14 steps per epoch: stop inside epoch 11, resume to step 280
   # the paper's UNet reached 0.022 at step 280 here on an H200 (docs/gpu.md); an untrained one is near 1
   LOSS_MAX=0.1
-  GENUM=${GENUM:-10000}; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
+  GENUM=${GENUM:-5000}; GENBATCH=1000; STEPS=50; FEATURES="--inception_weights $WORK/random_inception.pth"
 else
   BENCH="--modch 32 --chmul 1,2 --numres 1 --image_size 16 --batchsize 8 --steps 2 --warmup 1 --sample_timed_steps 2
     --loop_steps 8"
@@ -60,19 +61,19 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT_DIR/NAM
 }
 
 case ",$ONLY," in *,tests,*)
-  step tests 90 $PY -m pytest -q -rs -s tests/test_cuda.py tests/test_train_step.py -k "cuda or sync" ;;
+  step tests 100 $PY -m pytest -q -rs -s tests/test_cuda.py tests/test_train_step.py -k "cuda or sync" ;;
 esac
 case ",$ONLY," in *,bench,*)
-  step bench 170 $PY bench.py $BENCH --profile "$OUT_DIR/profile" --json ;;
+  step bench 190 $PY bench.py $BENCH --profile "$OUT_DIR/profile" --json ;;
 esac
 case ",$ONLY," in *,train,*)
-  step train 80 $TORCHRUN train.py --dataset digits $TRAIN --max_steps $STOP --run_dir "$WORK/run" ${TRAIN_EXTRA:-} \
+  step train 70 $TORCHRUN train.py --dataset digits $TRAIN --max_steps $STOP --run_dir "$WORK/run" ${TRAIN_EXTRA:-} \
     --ddim True --num_steps 20 --genbatch 40 --sample_every 5 --interval 5 --log_every 10
   step resume 50 $TORCHRUN train.py --path_resume "$WORK/run" ;;
 esac
 case ",$ONLY," in *,sample,*)
   if [ "$HAVE_FID" = 1 ]; then
-    step sample 90 bash -c "$PY scripts/gpu_check_report.py random-run $WORK $MODEL && $TORCHRUN sample.py \
+    step sample 70 bash -c "$PY scripts/gpu_check_report.py random-run $WORK $MODEL && $TORCHRUN sample.py \
       --path $WORK/random_run --epoch 0 --ddim True --num_steps $STEPS --genum $GENUM --genbatch $GENBATCH \
       --fid True $FEATURES --data_root $WORK/data"
   else
