@@ -189,7 +189,8 @@ def bench_loop(args: argparse.Namespace, device: torch.device, fast: FastPath) -
             raise UserError(f"the loop row's train.py failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rates = [rec["img_per_s"] for rec in records if rec["event"] == "train"][1:]  # the first window warms up
-    return {"img_per_s": sum(rates) / len(rates), "s_per_step": args.batchsize / (sum(rates) / len(rates)),
+    rate = sum(rates) / len(rates)
+    return {"img_per_s": rate, "s_per_step": args.batchsize / rate,
             "windows": len(rates), "steps": args.loop_steps, "log_every": log_every, "wall_s": wall,
             "peak_mem_gb": None}
 

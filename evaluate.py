@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from datasets import DatasetError, class_grid_labels, load_dataset, save_grid, save_png, to_float, to_uint8
 from diffusion import GaussianDiffusion, ddim_timesteps
-from fid import FeatureStats, dataset_stats, frechet_distance, load_or_make_reference, make_extractor
+from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
 from noise import ImageNoise
 from runtime import Dist, FastPath, UserError, compile_or_eager
 
@@ -210,11 +210,6 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
     if scoring.classifier is not None:
         result["class_accuracy"] = (hits[0] / hits[1]).item()
     return result
-
-
-def feature_width(features: str, classifier: nn.Module | None) -> int:
-    """Width of the FID feature space: Inception's pool3 (2048) or the prototype classifier's features."""
-    return 2048 if features == "inception" else classifier.reduce_to_hidden.out_features
 
 
 def few_images_warning(n: int, width: int) -> str | None:

@@ -48,6 +48,11 @@ def inception_network(weights: str | None, device: torch.device) -> torch.nn.Mod
     return net.eval().requires_grad_(False).to(device)
 
 
+def feature_width(kind: str, classifier: torch.nn.Module | None) -> int:
+    """Width of the feature space: Inception's pool3 (2048) or the prototype classifier's features."""
+    return 2048 if kind == "inception" else classifier.reduce_to_hidden.out_features
+
+
 def make_extractor(kind: str, device: torch.device, inception_weights: str | None = None,
                    classifier: torch.nn.Module | None = None) -> tuple[Extractor, int]:
     """(uint8 images [B, C, H, W] -> features [B, F], F); grayscale is seen as RGB, as PIL's convert does."""
@@ -57,7 +62,6 @@ def make_extractor(kind: str, device: torch.device, inception_weights: str | Non
         def extract(u8: torch.Tensor) -> torch.Tensor:
             x = u8.to(device).float() / 255  # what ToTensor gives pytorch-fid for a PNG
             return net(x.expand(-1, 3, -1, -1))[0].flatten(1)
-        dim = 2048
     elif kind == "classifier":
         if classifier is None:
             raise UserError("--fid_features classifier needs a classifier (--path_proto)")
@@ -65,10 +69,9 @@ def make_extractor(kind: str, device: torch.device, inception_weights: str | Non
 
         def extract(u8: torch.Tensor) -> torch.Tensor:
             return net.features(to_float(u8.to(device)))
-        dim = net.reduce_to_hidden.out_features
     else:
         raise UserError(f"unknown --fid_features '{kind}' (choose from {', '.join(FEATURES)})")
-    return torch.inference_mode()(extract), dim
+    return torch.inference_mode()(extract), feature_width(kind, classifier)
 
 
 class FeatureStats:

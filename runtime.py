@@ -89,8 +89,17 @@ def unset_or(rule: Rule, unset: str) -> Rule:
 NATIVE_OR_SIZE = Rule(lambda v: v == -1 or (_finite(v) and v >= 1), "-1 (native size) or >= 1", "0")
 POSITIVE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(m) and m >= 1 for m in v), "positive integers like 1,2,4,4",
                      "0")
-AUTO_OR_BOOL = Rule(lambda v: str(v).strip().lower() in ("auto", "true", "false", "1", "0", "yes", "no", "y", "n"),
-                    "auto, True or False", "maybe")
+def _auto_or_bool(v: Any) -> bool:
+    if str(v).strip().lower() == "auto":
+        return True
+    try:
+        str2bool(v)
+        return True
+    except argparse.ArgumentTypeError:
+        return False
+
+
+AUTO_OR_BOOL = Rule(_auto_or_bool, "auto, True or False", "maybe")
 DEVICE = one_of("auto", "cuda", "cpu")
 COMPILE_MODE = Rule(lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}", "fastest")
 AMP = one_of("auto", "bf16", "fp16", "none")

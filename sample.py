@@ -18,9 +18,8 @@ import torch.distributed as dist
 from checkpoints import load_run
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
-from evaluate import (Sampler, Scoring, classifier_for, evaluate, feature_width, few_images_warning, image_labels,
-                      reference_path)
-from fid import FEATURES
+from evaluate import Sampler, Scoring, classifier_for, evaluate, few_images_warning, image_labels, reference_path
+from fid import FEATURES, feature_width
 from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, RunLog, UserError, at_least, check_flags, finite, one_of,
                      resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed, unset_or)
 

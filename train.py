@@ -280,13 +280,14 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is inside DiffusionLoss
         order = batches.epoch(epoch).to(images.device)  # the epoch's indices reach the data's device once
+        epoch_labels = labels[order.to(d.device)]  # and its labels are gathered once, on the training device
         window, whole_epoch, stopped = LossMeter(d.device), LossMeter(d.device), False
         bar = tqdm(range(skip, len(batches)), desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i in bar:
             idx = order[i]
             batch = images[idx] if on_device else images[idx].pin_memory().to(d.device, non_blocking=True)
-            step_loss = train_step(batch, labels[idx.to(d.device)])
+            step_loss = train_step(batch, epoch_labels[i])
             step += 1
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
             window.add(step_loss)
