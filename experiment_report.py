@@ -1,9 +1,11 @@
-"""Summarise runs of several arms and seeds: mean and spread per evaluation, differences to `regular` paired by
-seed (to `regular`, or to the arm --baseline names), steps to an accuracy threshold, and plots.
+"""Summarise runs of several arms and seeds: mean and spread per evaluation, differences paired by seed to each
+arm --baseline names (`regular` by default), steps to an accuracy threshold, and plots.
 
     python experiment_report.py results/digits_experiment/runs/* --out results/digits_experiment
-An arm is a run's --mode plus its --proto_norm when that is not `keep` (e.g. `proto_frozen @ norm default`).
-Reads each run's config.json (mode, proto_norm, seed) and the `fid` records of its metrics.jsonl.
+An arm is a run's --mode, plus its --proto_source when not `centres`, its --proto_norm when not `keep`, and the
+prototype file's name when the runs use several (e.g. `proto_frozen means @ norm default [classifier]`).
+Reads each run's config.json (mode, proto_source, proto_norm, path_proto, seed) and the `fid` records of its
+metrics.jsonl.
 """
 import argparse
 import json
@@ -21,32 +23,42 @@ from runtime import ANY, Rule, UserError, check_flags, run_cli  # noqa: E402
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
 
 
-def arm_of(cfg: dict) -> str:
-    norm = cfg.get("proto_norm", "keep")
-    return cfg["mode"] if norm == "keep" else f"{cfg['mode']} @ norm {norm}"
+def arm_of(cfg: dict, with_file: bool) -> str:
+    """The arm a run belongs to, named by the flags that set its class table."""
+    name = cfg["mode"]
+    if cfg.get("proto_source", "centres") != "centres":
+        name += f" {cfg['proto_source']}"
+    if cfg.get("proto_norm", "keep") != "keep":
+        name += f" @ norm {cfg['proto_norm']}"
+    if with_file and cfg["mode"] != "regular":
+        name += f" [{os.path.splitext(os.path.basename(cfg['path_proto']))[0]}]"
+    return name
 
 
 def collect(run_dirs: list[str]) -> dict:
     """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}."""
-    runs = defaultdict(dict)
+    found = []
     for run in run_dirs:
         cfg_path, metrics = os.path.join(run, "config.json"), os.path.join(run, "metrics.jsonl")
         if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
             raise UserError(f"{run} is not a finished run dir (config.json and metrics.jsonl)")
-        cfg = json.load(open(cfg_path))
         points = {r["step"]: (r["value"], r.get("class_accuracy", float("nan")), r["epoch"])
                   for r in map(json.loads, open(metrics)) if r.get("event") == "fid"}
         if points:
-            runs[arm_of(cfg)][cfg["seed"]] = points
-    if not runs:
+            found.append((json.load(open(cfg_path)), points))
+    if not found:
         raise UserError("no FID records found in the given runs")
+    with_file = len({cfg.get("path_proto") for cfg, _ in found if cfg["mode"] != "regular"}) > 1
+    runs = defaultdict(dict)
+    for cfg, points in found:
+        runs[arm_of(cfg, with_file)][cfg["seed"]] = points
     return runs
 
 
 def order(arms) -> list[str]:
     """Arms by mode in MODE_ORDER, each mode's own-norm arm before its rescaled ones."""
     def key(arm: str):
-        mode = arm.split(" @ ")[0]
+        mode = arm.split()[0]
         return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), " @ " in arm, arm)
     return sorted(arms, key=key)
 
@@ -66,13 +78,34 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
 }
 
 
+def paired(runs: dict, arms: list[str], base: str, steps: list[int]) -> tuple[list[str], dict]:
+    """Markdown lines of each arm minus `base` paired by seed, and {arm: {step: (accuracy points, FID)}}."""
+    others = [a for a in arms if a != base]
+    lines = ["", f"## Paired by seed, arm minus {base}: class accuracy points / proto-FID "
+                 f"(mean ± sd; seeds where the arm is ahead)", "",
+             "| step | " + " | ".join(others) + " |", "|---" * len(arms) + "|"]
+    diffs = {}
+    for s in steps:
+        cells = []
+        for a in others:
+            seeds = [k for k in runs[a] if k in runs[base] and s in runs[a][k] and s in runs[base][k]]
+            d = np.array([np.subtract(runs[a][k][s][:2], runs[base][k][s][:2]) for k in seeds])
+            diffs.setdefault(a, {})[s] = (100 * d[:, 1], d[:, 0])
+            (acc, accsd), (f, fsd) = mean_sd(100 * d[:, 1]), mean_sd(d[:, 0])
+            cells.append(f"{acc:+.1f} ± {accsd:.1f} ({(d[:, 1] > 0).sum()}/{len(d)}) / "
+                         f"{f:+.2f} ± {fsd:.2f} ({(d[:, 0] < 0).sum()}/{len(d)})")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines, diffs
+
+
 def main(args: argparse.Namespace) -> None:
     check_flags(args, FLAG_RULES)
     runs = collect(args.runs)
-    base = args.baseline
     arms = order(runs)
-    if base not in runs and base != "regular":  # without the default arm the report simply has no paired table
-        raise UserError(f"--baseline '{base}' is none of the arms found: {', '.join(arms)}")
+    for base in args.baseline:
+        if base not in runs and base != "regular":  # without the default arm the report simply has no paired table
+            raise UserError(f"--baseline '{base}' is none of the arms found: {', '.join(arms)}")
+    bases = [base for base in args.baseline if base in runs]
     steps = sorted({s for a in arms for seed in runs[a] for s in runs[a][seed]})
     lines = ["## Mean ± sd over seeds: class accuracy % / proto-FID", "",
              "| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -84,24 +117,10 @@ def main(args: argparse.Namespace) -> None:
             cells.append(f"{acc:.1f} ± {accsd:.1f} / {f:.2f} ± {fsd:.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
 
-    diffs = {}  # arm -> step -> (accuracy differences, FID differences) per shared seed, arm minus regular
-    if base in runs:
-        lines += ["", f"## Paired by seed, arm minus {base}: class accuracy points / proto-FID "
-                      f"(mean ± sd; seeds where the arm is ahead)", "",
-                  "| step | " + " | ".join(a for a in arms if a != base) + " |",
-                  "|---" * len(arms) + "|"]
-        for s in steps:
-            cells = []
-            for a in arms:
-                if a == base:
-                    continue
-                seeds = [k for k in runs[a] if k in runs[base] and s in runs[a][k] and s in runs[base][k]]
-                d = np.array([np.subtract(runs[a][k][s][:2], runs[base][k][s][:2]) for k in seeds])
-                diffs.setdefault(a, {})[s] = (100 * d[:, 1], d[:, 0])
-                (acc, accsd), (f, fsd) = mean_sd(100 * d[:, 1]), mean_sd(d[:, 0])
-                cells.append(f"{acc:+.1f} ± {accsd:.1f} ({(d[:, 1] > 0).sum()}/{len(d)}) / "
-                             f"{f:+.2f} ± {fsd:.2f} ({(d[:, 0] < 0).sum()}/{len(d)})")
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    diffs = {}  # baseline -> arm -> step -> (accuracy differences, FID differences) per shared seed
+    for base in bases:
+        more, diffs[base] = paired(runs, arms, base, steps)
+        lines += more
 
     lines += ["", "## Steps to reach a class accuracy (first evaluation step; per seed, '-' = never)", "",
               "| arm | " + " | ".join(f"{100 * t:.0f}%: per seed / mean of runs that reach it / never"
@@ -119,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(2 if diffs else 1, 2, figsize=(11, 8 if diffs else 4), squeeze=False)
+    fig, axes = plt.subplots(1 + len(bases), 2, figsize=(11, 4 * (1 + len(bases))), squeeze=False)
     color = {a: f"C{i}" for i, a in enumerate(arms)}  # one colour per arm in every panel
     for a in arms:
         for ax, k, scale in zip(axes[0], (1, 0), (100, 1)):
@@ -127,21 +146,21 @@ def main(args: argparse.Namespace) -> None:
             ax.plot(steps, [v.mean() for v in per_step], marker="o", label=a, color=color[a])
     axes[0][0].set_ylabel("class accuracy % (mean over seeds)")
     axes[0][1].set_ylabel("proto-FID (mean over seeds), lower is better")
-    for a, by_step in diffs.items():
-        xs = sorted(by_step)
-        for ax, k in zip(axes[1], (0, 1)):
-            m = np.array([by_step[s][k].mean() for s in xs])
-            sd = np.array([by_step[s][k].std(ddof=1) if len(by_step[s][k]) > 1 else 0.0 for s in xs])
-            ax.plot(xs, m, marker="o", label=a, color=color[a])
-            ax.fill_between(xs, m - sd, m + sd, alpha=0.12, color=color[a])
-    if diffs:
-        axes[1][0].set_ylabel(f"accuracy points, arm - {base} (paired; band = ± sd)")
-        axes[1][1].set_ylabel(f"proto-FID, arm - {base} (paired; band = ± sd)")
+    for row, base in zip(axes[1:], bases):
+        for a, by_step in diffs[base].items():
+            xs = sorted(by_step)
+            for ax, k in zip(row, (0, 1)):
+                m = np.array([by_step[s][k].mean() for s in xs])
+                sd = np.array([by_step[s][k].std(ddof=1) if len(by_step[s][k]) > 1 else 0.0 for s in xs])
+                ax.plot(xs, m, marker="o", label=a, color=color[a])
+                ax.fill_between(xs, m - sd, m + sd, alpha=0.12, color=color[a])
+        row[0].set_ylabel(f"accuracy points, arm - {base}\n(paired; band = ± sd)")
+        row[1].set_ylabel(f"proto-FID, arm - {base}\n(paired; band = ± sd)")
+        for ax in row:
+            ax.axhline(0, color="k", lw=0.5)
     for ax in axes.flat:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    for ax in axes[1] if diffs else []:
-        ax.axhline(0, color="k", lw=0.5)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(args.title)
     fig.tight_layout()
@@ -155,11 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and differences to regular paired by seed.")
     p.add_argument("runs", nargs="+", help="run dirs")
     p.add_argument("--out", default="results/experiment", help="folder for table.md and curves.png")
-    p.add_argument("--baseline", default="regular", help="the arm the paired differences are taken to, e.g. "
-                   "'random_scaled @ norm default'")
+    p.add_argument("--baseline", nargs="+", default=["regular"], help="the arm(s) the paired differences are taken "
+                   "to, one table and one row of plots each, e.g. regular 'random_scaled @ norm default'")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.65],
                    help="class accuracies for the steps-to-threshold table")
-    p.add_argument("--title", default="digits: mean over seeds (top), paired differences to the baseline (bottom)",
+    p.add_argument("--title", default="digits: mean over seeds (top), paired differences to each baseline (below)",
                    help="plot title")
     return p
 

@@ -3,12 +3,15 @@ prototype files: ours, the original authors' pickled `Models.ModifiedResNet`, or
 """
 import os
 import pickle
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from datasets import to_float
 from runtime import UserError
 
 FORMAT = "protodiffusion-prototypes-v1"
@@ -60,6 +63,31 @@ class PrototypeClassifier(nn.Module):
         """(features [B, D], logits [B, C] = -scale * squared distance to each prototype)."""
         f = self.features(x)
         return f, -self.scale * self.dce_loss(f)
+
+
+@torch.no_grad()
+def class_statistics(model: PrototypeClassifier, images: torch.Tensor, labels: torch.Tensor, rank: int = 0,
+                     world: int = 1, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class means of the features [C, D], confusion counts [C, C], row = true class, column = nearest
+    prototype) over uint8 `images`, in eval mode; ranks split the images and sum their counts."""
+    was_training = model.training
+    model.eval()
+    n_classes = model.dce_loss.n_classes
+    sums = torch.zeros(n_classes, model.dce_loss.feat_dim, device=images.device, dtype=torch.float64)
+    confusion = torch.zeros(n_classes, n_classes, device=images.device, dtype=torch.float64)
+    for i in range(rank * batch, len(labels), batch * world):
+        y = labels[i:i + batch]
+        features, logits = model(to_float(images[i:i + batch]))
+        sums.index_add_(0, y, features.double())
+        confusion.index_put_((y, logits.argmax(1)), torch.ones_like(y, dtype=torch.float64), accumulate=True)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(confusion)
+    model.train(was_training)
+    counts = confusion.sum(1)
+    if (counts == 0).any():
+        raise UserError(f"class(es) {(counts == 0).nonzero().flatten().tolist()} have no images to average over")
+    return (sums / counts[:, None]).float(), confusion
 
 
 def dce_and_prototype_loss(features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor,
@@ -129,7 +157,11 @@ def load_prototypes(path: str) -> tuple[torch.Tensor, str]:
 
 def load_classifier(path: str) -> PrototypeClassifier:
     """A ready prototype classifier from our checkpoint or the authors' pickle (in eval mode, on CPU)."""
-    obj = read_prototype_file(path)
+    return classifier_in(read_prototype_file(path), path)
+
+
+def classifier_in(obj: object, path: str) -> PrototypeClassifier:
+    """The classifier a prototype file's contents hold (in eval mode, on CPU)."""
     if isinstance(obj, PrototypeClassifier):
         return obj.eval()
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -138,3 +170,17 @@ def load_classifier(path: str) -> PrototypeClassifier:
         model.load_state_dict(obj["classifier"])
         return model.eval()
     raise UserError(f"{path} holds no classifier weights (a bare prototype tensor cannot score images)")
+
+
+def load_class_means(path: str, train_split: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device) -> tuple[torch.Tensor, str]:
+    """Each class's mean classifier feature [C, D] over the training split: stored by train_classifier.py, or
+    computed with the file's classifier on `train_split()` (uint8 images, labels); and where it came from."""
+    obj = read_prototype_file(path)
+    if isinstance(obj, dict) and "class_means" in obj:
+        return obj["class_means"].float(), "class means stored by train_classifier.py"
+    model = classifier_in(obj, path).to(device)
+    images, labels = train_split()
+    means, _ = class_statistics(model, images.to(device), labels.to(device))
+    kind = "authors'" if isinstance(obj, PrototypeClassifier) else "checkpoint's"
+    return means.cpu(), f"class means of the {kind} classifier features over the training split"

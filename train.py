@@ -64,7 +64,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "low_t_frac": between(0, 1), "v": between(0, 1), "w": finite(),
     "schedule": one_of("linear", "cosine"), "select": one_of("linear", "quadratic"),
     "mode": one_of(*MODES), "dataset": one_of(*DATASETS), "fid_features": one_of("inception", "classifier"),
-    "proto_norm": PROTO_NORM, "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
+    "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"), "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "device": DEVICE,
     **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root", "tiny_imagenet_path",
                               "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
@@ -100,6 +100,9 @@ def validate(args: argparse.Namespace) -> None:
     """Refuse flag values and combinations that cannot work, before any data is touched or file written."""
     check_flags(args, FLAG_RULES)
     table_norm(args)
+    if args.mode == "regular" and args.proto_source != "centres":
+        raise UserError("--proto_source applies to the tables built from prototypes (the proto modes and controls), "
+                        "not to --mode regular")
     if args.mode != "regular" and not args.path_proto:
         raise UserError(f"--mode {args.mode} needs --path_proto (a prototype checkpoint from train_classifier.py, "
                         "the authors' best_model.pt, or a [classes, cdim] tensor)")
@@ -154,12 +157,19 @@ def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
     return data, cfg
 
 
-def read_prototypes(args: argparse.Namespace, cfg: dict) -> tuple[torch.Tensor, str] | None:
+def read_prototypes(args: argparse.Namespace, cfg: dict, device: torch.device) -> tuple[torch.Tensor, str] | None:
     """The class table a proto mode or control starts from (checked before anything is written)."""
     if args.mode == "regular":
         return None
-    from prototypes import load_prototypes  # only the proto modes need the classifier code
-    protos, source = load_prototypes(args.path_proto)
+    from prototypes import load_class_means, load_prototypes  # only the proto modes need the classifier code
+    if args.proto_source == "means":
+        def train_split() -> tuple[torch.Tensor, torch.Tensor]:
+            split = load_dataset(args.dataset, "train", args.data_root, cfg["image_size"], args.download,
+                                 args.tiny_imagenet_path, args.numworkers)
+            return split.images, split.labels
+        protos, source = load_class_means(args.path_proto, train_split, device)
+    else:
+        protos, source = load_prototypes(args.path_proto)
     if tuple(protos.shape) != (cfg["num_classes"], args.cdim):
         raise UserError(f"prototypes in {args.path_proto} are {protos.shape[0]} x {protos.shape[1]} and do not fit "
                         f"this run, which needs {cfg['num_classes']} classes (--dataset {args.dataset}) x "
@@ -198,7 +208,7 @@ def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos
             table = rows_at_norm(table, cfg["proto_row_norm"])
         set_class_table(cemblayer, table, trainable=args.mode == "proto_unfrozen")
         norms = table.norm(dim=1)
-        log.line(f"loaded prototypes from {args.path_proto}: {table.shape[0]} x {table.shape[1]} ({source}); "
+        log.line(f"loaded {args.proto_source} from {args.path_proto}: {table.shape[0]} x {table.shape[1]} ({source}); "
                  f"table = {args.mode}, {'trained' if args.mode == 'proto_unfrozen' else 'frozen'}, row norms "
                  f"{norms.min():.2f}-{norms.max():.2f} (--proto_norm {args.proto_norm})")
     elif args.mode in FROZEN:
@@ -232,7 +242,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     # --- data: uint8 images on the training device when they take under a quarter of its free memory
     data, cfg = read_data(args, d.world)
-    protos = read_prototypes(args, cfg) if resume is None else None
+    protos = read_prototypes(args, cfg, d.device) if resume is None else None
     on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
     images = data.images.to(d.device) if on_device else data.images.pin_memory()
     labels = data.labels.to(d.device)
@@ -428,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proto_norm", default="keep", help="row norm of the table a proto mode or control builds: keep "
                    "(the rows' own norms, the paper's), default (the expected row norm of the regular N(0, 1) table "
                    "at --cdim, sqrt(2) Gamma((cdim + 1) / 2) / Gamma(cdim / 2) = 11.29 at 128) or a number > 0")
+    p.add_argument("--proto_source", default="centres", help="what the table a proto mode or control builds starts "
+                   "from: centres (the classifier's DCE prototypes, the paper's) or means (each class's mean "
+                   "classifier feature over the training split: stored by train_classifier.py, else computed with "
+                   "the file's classifier at the run's image size)")
     p.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed x world + r for noise)")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warm-up min(decay, (1+n)/(10+n)))")
     p.add_argument("--log_every", type=int, default=100, help="read and log the loss every this many steps")

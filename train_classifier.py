@@ -9,15 +9,15 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import save_atomic
 from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
-from prototypes import FORMAT, PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18
+from prototypes import FORMAT, PrototypeClassifier, class_statistics, dce_and_prototype_loss, imagenet_resnet18
 from runtime import (ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli,
                      seed_everything, setup_distributed, str2bool, teardown_distributed)
+from structure import HEADER, structure_row, table_structure
 
 
 def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
@@ -28,22 +28,6 @@ def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
             "cosine_to_initial": torch.nn.functional.cosine_similarity(final, initial, dim=1).tolist(),
             "norms": final.norm(dim=1).tolist(), "initial_norms": initial.norm(dim=1).tolist(),
             "pairwise_distances": dist.tolist(), "mean_pairwise_distance": off_diagonal.mean().item()}
-
-
-@torch.no_grad()
-def test_accuracy(model: PrototypeClassifier, images: torch.Tensor, labels: torch.Tensor, rank: int, world: int,
-                  batch: int = 500) -> float:
-    """Share of the test split assigned to its class by the nearest prototype; ranks split the work."""
-    model.eval()
-    counts = torch.zeros(2, device=images.device)  # correct, seen
-    for i in range(rank * batch, len(labels), batch * world):
-        _, logits = model(to_float(images[i:i + batch]))
-        counts[0] += (logits.argmax(1) == labels[i:i + batch]).sum()
-        counts[1] += len(logits)
-    if world > 1:
-        dist.all_reduce(counts)
-    model.train()
-    return (counts[0] / counts[1]).item()
 
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
@@ -96,24 +80,32 @@ def main(args: argparse.Namespace) -> None:
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
-        acc = test_accuracy(model, test_images, test_labels, d.rank, d.world)
+        _, confusion = class_statistics(model, test_images, test_labels, d.rank, d.world)
+        acc = (confusion.trace() / confusion.sum()).item()
         if d.is_main:
             print(f"epoch {epoch + 1}/{args.epoch}: loss {loss_sum.item() / len(batches):.4f}, "
                   f"test accuracy {acc:.4f}, {time.time() - t_start:.0f} s", flush=True)
 
     movement = prototype_movement(initial.T.cpu(), model.prototypes.cpu())
+    means = class_statistics(model, images, labels, d.rank, d.world)[0].cpu()  # the table --proto_source means uses
+    confusion = confusion.cpu()
+    structure = {name: table_structure(table, confusion, means)
+                 for name, table in (("centres", model.prototypes.cpu()), ("means", means))}
     if d.is_main:
         print(f"prototypes moved {100 * movement['relative_change']:.1f}% from their initial values (cosine to init: "
               f"min {min(movement['cosine_to_initial']):.3f}); row norms {min(movement['norms']):.2f}.."
               f"{max(movement['norms']):.2f}; pairwise distances mean {movement['mean_pairwise_distance']:.2f}",
               flush=True)
+        print("class structure (reference: test-split confusion and training-split class means):\n" + HEADER + "\n" +
+              "\n".join(structure_row(name, s) for name, s in structure.items()), flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_atomic({"format": FORMAT, "prototypes": model.prototypes.cpu(),
                      "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
                      "config": {k: v for k, v in vars(args).items() if k not in ("device", "debug")} |
                      {"image_size": train.size, "channels": train.channels},
                      "test_accuracy": acc, "classes": train.classes, "movement": movement,
-                     "initial_prototypes": initial.T.cpu()}, args.out)
+                     "initial_prototypes": initial.T.cpu(), "class_means": means, "confusion": confusion,
+                     "structure": structure}, args.out)
         print(f"prototypes {tuple(model.prototypes.shape)} and classifier -> {args.out} "
               f"(test accuracy {acc:.4f}, {time.time() - t_start:.0f} s)", flush=True)
     teardown_distributed()

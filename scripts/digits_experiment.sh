@@ -1,36 +1,64 @@
 #!/usr/bin/env bash
-# Why prototypes do or do not help on the offline digits set (CPU only): direction and scale of the class table,
-# separated. Five arms, each seed shared by all of them, the same steps and evaluation:
-#   regular                             random N(0, 1) table, trained (the baseline)
-#   proto_frozen                        prototype directions at the prototypes' norms (the paper's table)
-#   proto_frozen --proto_norm default   prototype directions at the regular table's expected row norm
-#   random_scaled                       random directions at the prototypes' norms
-#   random_scaled --proto_norm default  random directions at the regular table's expected row norm
+# Do prototypes that carry class structure help? On the offline digits set (CPU only), five arms, each seed shared
+# by all of them (same init, noise and data order; only the class table differs), the same steps and evaluation.
+# Every table but regular's is frozen at the regular table's expected row norm (--proto_norm default):
+#   regular        random N(0, 1) table, trained (the baseline)
+#   centres        the classifier's DCE centres (--center_lr_mult 1: they barely move from their random init)
+#   centres_lr100  the centres of a classifier trained with --center_lr_mult 100 (they move)
+#   means          each class's mean classifier feature (--proto_source means)
+#   random         random directions (--mode random_scaled)
+# More arms for the earlier studies: centres_own_norm, random_own_norm (the tables at the centres' own norms),
+# shuffled (centres of other classes), unfrozen (centres, trained).
 # proto-FID and class accuracy of EMA samples every EVAL_EVERY epochs, scored by a classifier trained with another
-# seed than the prototypes'; experiment_report.py adds the differences to regular paired by seed.
+# seed than the prototypes'; experiment_report.py adds the differences paired by seed to regular and to random,
+# structure.py the class structure of every table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 PY=.venv/bin/python
 OUT=${OUT:-results/digits_experiment}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
-ARMS=${ARMS:-"regular proto_frozen proto_frozen:default random_scaled random_scaled:default"}  # MODE[:PROTO_NORM]
+ARMS=${ARMS:-"regular centres centres_lr100 means random"}
 EPOCHS=${EPOCHS:-21}          # 28 steps per epoch at batch 64: 588 steps, where the arms can still differ
 EVAL_EVERY=${EVAL_EVERY:-3}
 JOBS=${JOBS:-2}               # runs side by side, one thread each
+CLASSIFIER_EPOCHS=${CLASSIFIER_EPOCHS:-15}
+P=$OUT/prototypes.pt
+arm_flags() {
+  case $1 in
+    regular) echo "--mode regular" ;;
+    centres) echo "--mode proto_frozen --proto_norm default --path_proto $P" ;;
+    centres_lr100) echo "--mode proto_frozen --proto_norm default --path_proto $OUT/prototypes_lr100.pt" ;;
+    means) echo "--mode proto_frozen --proto_norm default --proto_source means --path_proto $P" ;;
+    random) echo "--mode random_scaled --proto_norm default --path_proto $P" ;;
+    centres_own_norm) echo "--mode proto_frozen --path_proto $P" ;;
+    random_own_norm) echo "--mode random_scaled --path_proto $P" ;;
+    shuffled) echo "--mode proto_shuffled --path_proto $P" ;;
+    unfrozen) echo "--mode proto_unfrozen --path_proto $P" ;;
+    *) echo "error: unknown arm '$1' (see the top of $0)" >&2; exit 2 ;;
+  esac
+}
+for arm in $ARMS; do arm_flags "$arm" > /dev/null; done
 mkdir -p "$OUT/runs"
-[ -f "$OUT/prototypes.pt" ] || $PY train_classifier.py --dataset digits --pretrained False --seed 0 --out "$OUT/prototypes.pt"
-[ -f "$OUT/eval_classifier.pt" ] || $PY train_classifier.py --dataset digits --pretrained False --seed 1 --out "$OUT/eval_classifier.pt"
+classifier() {  # OUT_FILE SEED CENTER_LR_MULT
+  [ -f "$1" ] || $PY train_classifier.py --dataset digits --pretrained False --epoch "$CLASSIFIER_EPOCHS" --seed "$2" \
+    --center_lr_mult "$3" --data_root "$OUT/data" --out "$1" > "${1%.pt}.log" 2>&1
+}
+classifier "$P" 0 1
+classifier "$OUT/eval_classifier.pt" 1 1
+[[ " $ARMS " == *" centres_lr100 "* ]] && classifier "$OUT/prototypes_lr100.pt" 0 100
 start=$(date +%s)
 for seed in $SEEDS; do for arm in $ARMS; do
-  mode=${arm%%:*}; norm=keep; [ "$arm" != "$mode" ] && norm=${arm#*:}
-  name=$mode$([ "$norm" = keep ] || echo "-norm_$norm")-s$seed
+  name=$arm-s$seed
   [ -d "$OUT/runs/$name" ] && continue
-  echo "$PY train.py --dataset digits --mode $mode --proto_norm $norm --path_proto $OUT/prototypes.pt --seed $seed \
+  echo "$PY train.py --dataset digits $(arm_flags "$arm") --seed $seed \
     --modch 32 --chmul 1,2 --numres 1 --batchsize 64 --lr 4e-4 --epoch $EPOCHS --ema_decay 0.999 \
     --ddim True --num_steps 20 --genbatch 100 --sample_every $EPOCHS --interval $EPOCHS --log_every 28 \
     --fid_every $EVAL_EVERY --fid_num 200 --fid_features classifier --eval_classifier $OUT/eval_classifier.pt \
     --data_root $OUT/data --run_dir $OUT/runs/$name > $OUT/runs/$name.log 2>&1"
 done; done | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -P "$JOBS" -I{} bash -c {}
 echo "runs took $(( $(date +%s) - start )) s"
-$PY experiment_report.py "$OUT"/runs/*/ --out "$OUT"
+baselines=(regular)
+[[ " $ARMS " == *" random "* ]] && baselines+=("random_scaled @ norm default$([[ " $ARMS " == *" centres_lr100 "* ]] && echo " [prototypes]")")
+$PY experiment_report.py "$OUT"/runs/*/ --out "$OUT" --baseline "${baselines[@]}"
+$PY structure.py "$OUT"/prototypes*.pt "$OUT"/runs/*/ --classifier "$P" --out "$OUT/structure.md"

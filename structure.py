@@ -1,0 +1,115 @@
+"""Does a class table carry class structure? Its rows' off-diagonal cosine similarities, and their rank
+correlation with the classifier's own class similarity.
+
+    python structure.py results/digits_experiment/classifier.pt results/digits_experiment/runs/*-s0 \
+        --classifier results/digits_experiment/classifier.pt
+A table is a prototype file (its centres, and its class means when stored) or a run dir (the class table in its
+newest checkpoint). The reference is the classifier's confusion on the test split: the share of class i's test
+images it assigns to class j, symmetrised. It is measured on images, so it does not presuppose any table; the
+class means' cosines, the second reference, is 1 for the class-mean table by construction.
+"""
+import argparse
+import os
+
+import torch
+from scipy.stats import spearmanr
+
+from checkpoints import latest_checkpoint, load_file
+from runtime import ANY, UserError, check_flags, run_cli
+
+
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The entries above the diagonal of a square matrix, one per unordered class pair."""
+    i, j = torch.triu_indices(len(matrix), len(matrix), offset=1)
+    return matrix[i, j]
+
+
+def cosines(table: torch.Tensor) -> torch.Tensor:
+    """[C, C] cosine similarity of the table's rows."""
+    rows = torch.nn.functional.normalize(table.double(), dim=1)
+    return rows @ rows.T
+
+
+def confusion_similarity(confusion: torch.Tensor) -> torch.Tensor:
+    """Symmetrised confusion rates: (P(predicted j | class i) + P(predicted i | class j)) / 2."""
+    rates = confusion.double() / confusion.double().sum(1, keepdim=True)
+    return (rates + rates.T) / 2
+
+
+def table_structure(table: torch.Tensor, confusion: torch.Tensor, means: torch.Tensor) -> dict:
+    """Off-diagonal cosines of `table` [C, D] and their Spearman correlation with the confusion similarity and
+    with the class means' cosines (nan where a reference has no spread, e.g. a classifier that never errs)."""
+    cos = off_diagonal(cosines(table))
+    confused, similar = off_diagonal(confusion_similarity(confusion)), off_diagonal(cosines(means))
+    rho = [float(spearmanr(cos.numpy(), ref.numpy()).statistic) if ref.unique().numel() > 1 else float("nan")
+           for ref in (confused, similar)]
+    return {"cosine_mean": cos.mean().item(), "cosine_sd": cos.std().item(), "cosine_min": cos.min().item(),
+            "cosine_max": cos.max().item(), "rho_confusion": rho[0], "rho_class_means": rho[1]}
+
+
+HEADER = ("| table | off-diagonal cosine mean ± sd [min, max] | Spearman with confusion | "
+          "Spearman with class-mean cosines |\n|---|---|---|---|")
+
+
+def structure_row(name: str, s: dict) -> str:
+    """One markdown row of table_structure's figures."""
+    return (f"| {name} | {s['cosine_mean']:+.3f} ± {s['cosine_sd']:.3f} [{s['cosine_min']:+.2f}, "
+            f"{s['cosine_max']:+.2f}] | {s['rho_confusion']:+.2f} | {s['rho_class_means']:+.2f} |")
+
+
+def tables_in(path: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, table) pairs: a run dir's class table, or a prototype file's centres and stored class means."""
+    if os.path.isdir(path):
+        state = load_file(latest_checkpoint(path))
+        return [(os.path.basename(os.path.normpath(path)), state["cemblayer"]["condEmbedding.0.weight"].float())]
+    from prototypes import load_prototypes, read_prototype_file
+    name = os.path.basename(path)
+    found = [(f"{name} centres", load_prototypes(path)[0])]
+    obj = read_prototype_file(path)
+    if isinstance(obj, dict) and "class_means" in obj:
+        found.append((f"{name} class means", obj["class_means"].float()))
+    return found
+
+
+def reference_of(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test-split confusion, training-split class means) stored in a train_classifier.py checkpoint."""
+    from prototypes import read_prototype_file
+    obj = read_prototype_file(path)
+    if not (isinstance(obj, dict) and "confusion" in obj and "class_means" in obj):
+        raise UserError(f"{path} holds no confusion matrix and class means; train_classifier.py checkpoints "
+                        "written since --proto_source exists do")
+    return obj["confusion"], obj["class_means"]
+
+
+FLAG_RULES = {flag: ANY for flag in ("tables", "classifier", "out")}  # the paths are checked when read
+
+
+def main(args: argparse.Namespace) -> None:
+    check_flags(args, FLAG_RULES)
+    confusion, means = reference_of(args.classifier)
+    lines = [HEADER]
+    for path in args.tables:
+        for name, table in tables_in(path):
+            if len(table) != len(confusion):
+                raise UserError(f"{path}: the table has {len(table)} classes, the classifier {len(confusion)}")
+            lines.append(structure_row(name, table_structure(table, confusion, means)))
+    confused = off_diagonal(confusion_similarity(confusion))
+    lines.append(f"\nReference: {args.classifier}'s test-split confusion ({int((confused > 0).sum())} of "
+                 f"{len(confused)} class pairs ever confused) and its training-split class means.")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Class structure of class tables: off-diagonal cosines and their rank "
+                                "correlation with a prototype classifier's confusion and class means.")
+    p.add_argument("tables", nargs="+", help="prototype files and/or run dirs")
+    p.add_argument("--classifier", required=True, help="train_classifier.py checkpoint that gives the reference")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
