@@ -154,8 +154,8 @@ def main(args: argparse.Namespace) -> None:
                 sd = np.array([by_step[s][k].std(ddof=1) if len(by_step[s][k]) > 1 else 0.0 for s in xs])
                 ax.plot(xs, m, marker="o", label=a, color=color[a])
                 ax.fill_between(xs, m - sd, m + sd, alpha=0.12, color=color[a])
-        row[0].set_ylabel(f"accuracy points, arm - {base}\n(paired; band = ± sd)")
-        row[1].set_ylabel(f"proto-FID, arm - {base}\n(paired; band = ± sd)")
+        row[0].set_ylabel(f"accuracy points, arm minus\n{base}\n(paired; band = ± sd)", fontsize=9)
+        row[1].set_ylabel(f"proto-FID, arm minus\n{base}\n(paired; band = ± sd)", fontsize=9)
         for ax in row:
             ax.axhline(0, color="k", lw=0.5)
     for ax in axes.flat:

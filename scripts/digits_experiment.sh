@@ -11,10 +11,13 @@
 # shuffled (centres of other classes), unfrozen (centres, trained).
 # proto-FID and class accuracy of EMA samples every EVAL_EVERY epochs, scored by a classifier trained with another
 # seed than the prototypes'; experiment_report.py adds the differences paired by seed to regular and to random,
-# structure.py the class structure of every table.
+# structure.py the class structure of every table, against the prototypes' classifier and the independent one.
+# `--dry-run` prints the exact commands without running them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+[ $DRY = 1 ] || source scripts/setup.sh
 PY=.venv/bin/python
 OUT=${OUT:-results/digits_experiment}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
@@ -39,15 +42,16 @@ arm_flags() {
   esac
 }
 for arm in $ARMS; do arm_flags "$arm" > /dev/null; done
-mkdir -p "$OUT/runs"
+[ $DRY = 1 ] || mkdir -p "$OUT/runs"
 classifier() {  # OUT_FILE SEED CENTER_LR_MULT
-  [ -f "$1" ] || $PY train_classifier.py --dataset digits --pretrained False --epoch "$CLASSIFIER_EPOCHS" --seed "$2" \
-    --center_lr_mult "$3" --data_root "$OUT/data" --out "$1" > "${1%.pt}.log" 2>&1
+  local cmd="$PY train_classifier.py --dataset digits --pretrained False --epoch $CLASSIFIER_EPOCHS --seed $2 \
+    --center_lr_mult $3 --data_root $OUT/data --out $1"
+  if [ $DRY = 1 ]; then echo "+ $cmd"; elif [ ! -f "$1" ]; then $cmd > "${1%.pt}.log" 2>&1; fi
 }
 classifier "$P" 0 1
 classifier "$OUT/eval_classifier.pt" 1 1
 [[ " $ARMS " == *" centres_lr100 "* ]] && classifier "$OUT/prototypes_lr100.pt" 0 100
-start=$(date +%s)
+runs() {
 for seed in $SEEDS; do for arm in $ARMS; do
   name=$arm-s$seed
   [ -d "$OUT/runs/$name" ] && continue
@@ -56,9 +60,15 @@ for seed in $SEEDS; do for arm in $ARMS; do
     --ddim True --num_steps 20 --genbatch 100 --sample_every $EPOCHS --interval $EPOCHS --log_every 28 \
     --fid_every $EVAL_EVERY --fid_num 200 --fid_features classifier --eval_classifier $OUT/eval_classifier.pt \
     --data_root $OUT/data --run_dir $OUT/runs/$name > $OUT/runs/$name.log 2>&1"
-done; done | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -P "$JOBS" -I{} bash -c {}
+done; done
+}
+if [ $DRY = 1 ]; then runs | sed 's/^/+ /; s/ > .*//'; exit 0; fi
+start=$(date +%s)
+runs | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -P "$JOBS" -I{} bash -c {}
 echo "runs took $(( $(date +%s) - start )) s"
 baselines=(regular)
 [[ " $ARMS " == *" random "* ]] && baselines+=("random_scaled @ norm default$([[ " $ARMS " == *" centres_lr100 "* ]] && echo " [prototypes]")")
 $PY experiment_report.py "$OUT"/runs/*/ --out "$OUT" --baseline "${baselines[@]}"
-$PY structure.py "$OUT"/prototypes*.pt "$OUT"/runs/*/ --classifier "$P" --out "$OUT/structure.md"
+for clf in prototypes eval_classifier; do
+  $PY structure.py "$OUT"/prototypes*.pt "$OUT"/runs/*/ --classifier "$OUT/$clf.pt" --out "$OUT/structure_$clf.md"
+done

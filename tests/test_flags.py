@@ -12,6 +12,7 @@ import bench
 import experiment_report
 import plot_fid
 import sample
+import structure
 import train
 import train_classifier
 from runtime import UserError
@@ -23,6 +24,7 @@ SCRIPTS = {  # module, the arguments a command needs besides the flag under test
     "bench.py": (bench, []),
     "plot_fid.py": (plot_fid, ["RUN"]),
     "experiment_report.py": (experiment_report, ["RUN"]),
+    "structure.py": (structure, ["TABLE", "--classifier", "CLF"]),
 }
 CASES = [(script, flag, rule.bad) for script, (module, _) in SCRIPTS.items()
          for flag, rule in module.FLAG_RULES.items() if rule.bad is not None]

@@ -12,6 +12,7 @@ from conftest import ROOT, run_env
 
 import train
 from checkpoints import build_models
+from datasets import load_dataset
 from prototypes import PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18, load_classifier, load_prototypes
 from runtime import UserError
 
@@ -115,6 +116,45 @@ def test_proto_frozen_keeps_the_table_and_trains_the_mlp(tmp_path, tiny_args, au
     assert "authors' Models.ModifiedResNet pickle" in open(next(tmp_path.rglob("log.txt"))).read()
 
 
+def test_class_means_of_the_authors_classifier_are_computed_over_the_training_split(tmp_path, tiny_args,
+                                                                                    authors_pickle):
+    out = tiny_main(tiny_args, ["--mode", "proto_frozen", "--proto_source", "means", "--path_proto",
+                                str(authors_pickle), "--proto_norm", "7", "--results", str(tmp_path)])
+    split = load_dataset("digits", "train")
+    clf = load_classifier(str(authors_pickle))
+    with torch.no_grad():
+        features = clf.features(split.images.float() / 127.5 - 1)
+    means = torch.stack([features[split.labels == k].mean(0) for k in range(10)])
+    table = out["cemblayer"].condEmbedding[0].weight
+    assert not table.requires_grad
+    torch.testing.assert_close(table, means / means.norm(dim=1, keepdim=True) * 7, atol=1e-4, rtol=1e-4)
+    run = next(tmp_path.rglob("config.json")).parent
+    assert json.load(open(run / "config.json"))["proto_source"] == "means"
+    assert "loaded means" in (run / "log.txt").read_text() and "training split" in (run / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("mode", ["proto_frozen", "random_scaled"])
+def test_stored_class_means_are_the_table_and_keep_their_norms(tmp_path, tiny_args, mode):
+    from prototypes import FORMAT
+    means = torch.rand(10, 128) * torch.linspace(1, 2, 10)[:, None]
+    torch.save({"format": FORMAT, "prototypes": torch.randn(10, 128), "class_means": means}, tmp_path / "c.pt")
+    table = tiny_main(tiny_args, ["--mode", mode, "--proto_source", "means", "--path_proto", str(tmp_path / "c.pt"),
+                                  "--results", str(tmp_path)])["cemblayer"].condEmbedding[0].weight
+    torch.testing.assert_close(table.norm(dim=1), means.norm(dim=1))
+    assert torch.equal(table, means) == (mode == "proto_frozen")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mode", "regular", "--proto_source", "means"], "not to --mode regular"),
+    (["--mode", "proto_frozen", "--proto_source", "means"], "cannot score images"),  # a bare tensor has no classifier
+])
+def test_class_means_need_a_prototype_mode_and_a_classifier(tmp_path, tiny_args, extra, message):
+    torch.save(torch.randn(10, 128), tmp_path / "p.pt")
+    with pytest.raises(UserError, match=message):
+        tiny_main(tiny_args, extra + ["--path_proto", str(tmp_path / "p.pt"), "--results", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()
+
+
 def test_proto_unfrozen_trains_the_table(tmp_path, tiny_args):
     protos = torch.randn(10, 128)
     torch.save(protos, tmp_path / "protos.pt")
@@ -144,6 +184,18 @@ def test_train_classifier_writes_a_weights_only_checkpoint(tmp_path):
     assert ckpt["prototypes"].shape == (10, 128) and ckpt["classes"] == [str(i) for i in range(10)]
     torch.testing.assert_close(ckpt["prototypes"], ckpt["classifier"]["dce_loss.centers"].T)
     assert 0 <= ckpt["test_accuracy"] <= 1
+    confusion, means = ckpt["confusion"], ckpt["class_means"]
+    test = load_dataset("digits", "test")
+    assert confusion.shape == (10, 10) and confusion.sum(1).tolist() == torch.bincount(test.labels).tolist()
+    assert ckpt["test_accuracy"] == pytest.approx((confusion.trace() / confusion.sum()).item())
+    train_split, clf = load_dataset("digits", "train"), load_classifier(str(out))
+    with torch.no_grad():
+        features = clf.features(train_split.images.float() / 127.5 - 1)
+    for k in (0, 9):  # the means are over the training split, in eval mode
+        torch.testing.assert_close(means[k], features[train_split.labels == k].mean(0), atol=1e-4, rtol=1e-4)
+    assert set(ckpt["structure"]) == {"centres", "means"}
+    assert ckpt["structure"]["means"]["rho_class_means"] == pytest.approx(1)
+    assert "Spearman with confusion" in r.stdout
     protos, source = load_prototypes(str(out))
     assert torch.equal(protos, ckpt["prototypes"]) and source == "protodiffusion checkpoint"
     before = out.read_bytes()

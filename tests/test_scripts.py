@@ -51,3 +51,29 @@ def test_gpu_check_runs_its_steps_on_cpu_and_reports(tmp_path):
     assert len(report["bench"]["rows"]) == 7 and "7 skipped" in report["tests"]["summary"]
     assert report["sample"]["counted"] == 100 and report["bench"]["rows"]["train step, eager fp32"]["img_per_s"] > 0
     assert os.path.isfile(tmp_path / "out" / "profile" / "top_ops.txt")
+
+
+def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
+    out = str(tmp_path / "study")
+    env = dict(os.environ, OUT=out, SEEDS="3")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "digits_experiment.sh"), "--dry-run"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    classifiers = [train_classifier.build_parser().parse_args(c[c.index("train_classifier.py") + 1:])
+                   for c in commands if "train_classifier.py" in c]
+    assert [(a.out, a.seed, a.center_lr_mult) for a in classifiers] == [
+        (f"{out}/prototypes.pt", 0, 1), (f"{out}/eval_classifier.pt", 1, 1), (f"{out}/prototypes_lr100.pt", 0, 100)]
+    runs = [train.build_parser().parse_args(c[c.index("train.py") + 1:]) for c in commands if "train.py" in c]
+    table = {os.path.basename(a.run_dir): (a.mode, a.proto_norm, a.proto_source,
+                                           a.path_proto and os.path.basename(a.path_proto)) for a in runs}
+    assert table == {"regular-s3": ("regular", "keep", "centres", None),
+                     "centres-s3": ("proto_frozen", "default", "centres", "prototypes.pt"),
+                     "centres_lr100-s3": ("proto_frozen", "default", "centres", "prototypes_lr100.pt"),
+                     "means-s3": ("proto_frozen", "default", "means", "prototypes.pt"),
+                     "random-s3": ("random_scaled", "default", "centres", "prototypes.pt")}
+    assert {a.seed for a in runs} == {3} and {a.eval_classifier for a in runs} == {f"{out}/eval_classifier.pt"}
+    assert not os.path.exists(out)  # a dry run writes nothing
+    bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "digits_experiment.sh"), "--dry-run"],
+                         capture_output=True, text=True, env=dict(env, ARMS="regular bogus"), cwd=ROOT)
+    assert bad.returncode == 2 and "unknown arm 'bogus'" in bad.stderr
