@@ -1,8 +1,8 @@
 """Does a class table carry class structure? Its rows' off-diagonal cosine similarities, and their rank
 correlation with the classifier's own class similarity.
 
-    python structure.py results/digits_experiment/classifier.pt results/digits_experiment/runs/*-s0 \
-        --classifier results/digits_experiment/classifier.pt
+    python structure.py results/digits_experiment/prototypes.pt results/digits_experiment/runs/*-s0 \
+        --classifier results/digits_experiment/eval_classifier.pt
 A table is a prototype file (its centres, and its class means when stored) or a run dir (the class table in its
 newest checkpoint). The reference is the classifier's confusion on the test split: the share of class i's test
 images it assigns to class j, symmetrised. It is measured on images, so it does not presuppose any table; the
@@ -76,8 +76,8 @@ def reference_of(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     from prototypes import read_prototype_file
     obj = read_prototype_file(path)
     if not (isinstance(obj, dict) and "confusion" in obj and "class_means" in obj):
-        raise UserError(f"{path} holds no confusion matrix and class means; train_classifier.py checkpoints "
-                        "written since --proto_source exists do")
+        raise UserError(f"{path} holds no confusion matrix and class means to compare with; give a checkpoint "
+                        "written by this version of train_classifier.py")
     return obj["confusion"], obj["class_means"]
 
 
