@@ -3,10 +3,12 @@ correlation with the classifier's own class similarity.
 
     python structure.py results/digits_experiment/prototypes.pt results/digits_experiment/runs/*-s0 \
         --classifier results/digits_experiment/eval_classifier.pt
+    python structure.py best_model.pt results/proto_frozen/cifar10/RUN --classifier best_model.pt --dataset cifar10
 A table is a prototype file (its centres, and its class means when stored) or a run dir (the class table in its
 newest checkpoint). The reference is the classifier's confusion on the test split: the share of class i's test
 images it assigns to class j, symmetrised. It is measured on images, so it does not presuppose any table; the
-class means' cosines, the second reference, is 1 for the class-mean table by construction.
+class means' cosines, the second reference, is 1 for the class-mean table by construction. train_classifier.py
+stores both; for another classifier file (the authors' best_model.pt) --dataset measures them.
 """
 import argparse
 import os
@@ -15,7 +17,9 @@ import torch
 from scipy.stats import spearmanr
 
 from checkpoints import latest_checkpoint, load_file
-from runtime import ANY, UserError, check_flags, run_cli
+from datasets import DATASETS, DatasetError, load_dataset
+from runtime import (ANY, DEVICE, NATIVE_OR_SIZE, UserError, check_flags, one_of, run_cli, setup_distributed,
+                     str2bool, unset_or)
 
 
 def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
@@ -71,22 +75,39 @@ def tables_in(path: str) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
-def reference_of(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(test-split confusion, training-split class means) stored in a train_classifier.py checkpoint."""
-    from prototypes import read_prototype_file
-    obj = read_prototype_file(path)
-    if not (isinstance(obj, dict) and "confusion" in obj and "class_means" in obj):
-        raise UserError(f"{path} holds no confusion matrix and class means to compare with; give a checkpoint "
-                        "written by this version of train_classifier.py")
-    return obj["confusion"], obj["class_means"]
+def reference_of(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test-split confusion, training-split class means) of --classifier: stored by train_classifier.py, or
+    measured with its network on --dataset."""
+    from prototypes import class_statistics, classifier_in, read_prototype_file
+    obj = read_prototype_file(args.classifier)
+    if isinstance(obj, dict) and "confusion" in obj and "class_means" in obj:
+        return obj["confusion"], obj["class_means"]
+    if args.dataset is None:
+        raise UserError(f"{args.classifier} stores no confusion matrix and class means; pass --dataset to measure "
+                        "them with its classifier")
+    model = classifier_in(obj, args.classifier)
+    device = setup_distributed(args.device).device  # one process: this only picks and checks the device
+    try:
+        train, test = (load_dataset(args.dataset, split, args.data_root, args.image_size, args.download,
+                                    args.tiny_imagenet_path) for split in ("train", "test"))
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    model.to(device)
+    confusion = class_statistics(model, test.images.to(device), test.labels.to(device))[1]
+    means = class_statistics(model, train.images.to(device), train.labels.to(device))[0]
+    return confusion.cpu(), means.cpu()
 
 
-FLAG_RULES = {flag: ANY for flag in ("tables", "classifier", "out")}  # the paths are checked when read
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    "dataset": unset_or(one_of(*DATASETS), "use the statistics the classifier file stores"),
+    "image_size": NATIVE_OR_SIZE, "device": DEVICE,
+    **{flag: ANY for flag in ("tables", "classifier", "out", "data_root", "download", "tiny_imagenet_path")},
+}
 
 
 def main(args: argparse.Namespace) -> None:
     check_flags(args, FLAG_RULES)
-    confusion, means = reference_of(args.classifier)
+    confusion, means = reference_of(args)
     lines = [HEADER]
     for path in args.tables:
         for name, table in tables_in(path):
@@ -95,7 +116,8 @@ def main(args: argparse.Namespace) -> None:
             lines.append(structure_row(name, table_structure(table, confusion, means)))
     confused = off_diagonal(confusion_similarity(confusion))
     lines.append(f"\nReference: {args.classifier}'s test-split confusion ({int((confused > 0).sum())} of "
-                 f"{len(confused)} class pairs ever confused) and its training-split class means.")
+                 f"{len(confused)} class pairs ever confused) and its training-split class means"
+                 f"{f', measured on {args.dataset}' if args.dataset else ''}.")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
@@ -106,7 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Class structure of class tables: off-diagonal cosines and their rank "
                                 "correlation with a prototype classifier's confusion and class means.")
     p.add_argument("tables", nargs="+", help="prototype files and/or run dirs")
-    p.add_argument("--classifier", required=True, help="train_classifier.py checkpoint that gives the reference")
+    p.add_argument("--classifier", required=True, help="prototype classifier that gives the reference: a "
+                   "train_classifier.py checkpoint (it stores the reference), or any classifier file with --dataset")
+    p.add_argument("--dataset", default=None, help=f"measure the reference on this dataset ({', '.join(DATASETS)}): "
+                   "confusion on its test split, class means over its training split")
+    p.add_argument("--data_root", default="datasets", help="folder holding the datasets")
+    p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
+    p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
+    p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     return p
 

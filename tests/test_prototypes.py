@@ -155,6 +155,21 @@ def test_class_means_need_a_prototype_mode_and_a_classifier(tmp_path, tiny_args,
     assert not (tmp_path / "res").exists()
 
 
+def test_structure_measures_the_reference_of_the_authors_classifier_on_a_dataset(authors_pickle):
+    import structure
+    args = structure.build_parser().parse_args([str(authors_pickle), "--classifier", str(authors_pickle),
+                                                "--dataset", "digits", "--device", "cpu"])
+    confusion, means = structure.reference_of(args)
+    clf = load_classifier(str(authors_pickle))
+    test, train_split = load_dataset("digits", "test"), load_dataset("digits", "train")
+    with torch.no_grad():
+        predicted = clf(test.images.float() / 127.5 - 1)[1].argmax(1)
+        features = clf.features(train_split.images.float() / 127.5 - 1)
+    for i in range(10):
+        assert confusion[i].tolist() == [((test.labels == i) & (predicted == j)).sum().item() for j in range(10)]
+    torch.testing.assert_close(means[3], features[train_split.labels == 3].mean(0), atol=1e-4, rtol=1e-4)
+
+
 def test_proto_unfrozen_trains_the_table(tmp_path, tiny_args):
     protos = torch.randn(10, 128)
     torch.save(protos, tmp_path / "protos.pt")

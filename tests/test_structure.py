@@ -119,4 +119,5 @@ def test_structure_command_reports_files_and_run_tables(tmp_path):
     torch.save({"format": FORMAT, "prototypes": table}, tmp_path / "old.pt")
     r = subprocess.run(cmd[:-4] + ["--classifier", str(tmp_path / "old.pt")], capture_output=True, text=True,
                        env=run_env())
-    assert r.returncode == 2 and "holds no confusion matrix" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "stores no confusion matrix and class means; pass --dataset" in r.stderr
+    assert "Traceback" not in r.stderr
