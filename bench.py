@@ -87,9 +87,10 @@ def build(args: argparse.Namespace, device: torch.device, fast: FastPath | None)
 
 
 def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: torch.device,
-                    example: tuple[torch.Tensor, torch.Tensor]) -> TrainStep:
-    """train.py's step with its defaults (lr 2e-4 x 2.5, weight decay 1e-4, EMA 0.9999, label drop 0.1);
-    fast=None is the straightforward path (fp32, eager, NCHW, for-loop AdamW)."""
+                    example: tuple[torch.Tensor, torch.Tensor]) -> tuple[TrainStep, dict | None]:
+    """train.py's step with its defaults (lr 2e-4 x 2.5, weight decay 1e-4, EMA 0.9999, label drop 0.1), and its
+    compile outcome (None: not asked for); fast=None is the straightforward path (fp32, eager, NCHW, for-loop
+    AdamW)."""
     params = [p for p in models.parameters() if p.requires_grad]
     if fast is None:
         fast = FastPath(None, False, False)
@@ -98,8 +99,8 @@ def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: 
         opt = adamw(params, 5e-4, 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == torch.float16)
     diffusion = GaussianDiffusion(linear_betas(1000), device)
-    loss = make_loss(models, diffusion, 0.1, fast, device, example, say)
-    return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast.cudagraphs)
+    loss, outcome = make_loss(models, diffusion, 0.1, fast, device, example, say)
+    return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast.cudagraphs), outcome
 
 
 def random_batch(args: argparse.Namespace, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, fast: FastPath |
     models = build(args, device, fast).train()
     batch = random_batch(args, device, args.batchsize)
     t0 = time.perf_counter()
-    step = make_train_step(models, fast, device, batch)
+    step, outcome = make_train_step(models, fast, device, batch)
     compile_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,7 +132,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, fast: FastPath |
     sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
     row = {"img_per_s": args.batchsize / seconds, "s_per_step": seconds, "compile_s": compile_s,
-           "first_step_s": first, "peak_mem_gb": peak_memory_gb(device)}
+           "first_step_s": first, "peak_mem_gb": peak_memory_gb(device), **compiled_fields(outcome)}
     if args.profile and fast is not None:
         row["profile"] = profile_steps(lambda: step(*batch), device, args.profile, args.steps)
     return row
@@ -190,9 +191,10 @@ def bench_loop(args: argparse.Namespace, device: torch.device, fast: FastPath) -
         records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rates = [rec["img_per_s"] for rec in records if rec["event"] == "train"][1:]  # the first window warms up
     rate = sum(rates) / len(rates)
+    outcome = next((rec for rec in records if rec["event"] == "compile" and rec["network"] == "loss"), None)
     return {"img_per_s": rate, "s_per_step": args.batchsize / rate,
             "windows": len(rates), "steps": args.loop_steps, "log_every": log_every, "wall_s": wall,
-            "peak_mem_gb": None}
+            "peak_mem_gb": None, **compiled_fields(outcome)}
 
 
 def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath | None, one_pass: bool) -> dict:
@@ -202,9 +204,9 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
     b = args.sample_batch or args.batchsize
     shape = (args.inch, args.image_size, args.image_size)
     sampler = Sampler(True, args.num_steps, 0.0, "linear", 1.8, b, 0, fast)
-    t0 = time.perf_counter()
-    net = sampler.prepare(models["net"], shape, args.cdim, device, say) if one_pass else models["net"]
-    compile_s = time.perf_counter() - t0
+    outcomes = []
+    net = sampler.prepare(models["net"], shape, args.cdim, device, say, outcomes.append) if one_pass \
+        else models["net"]
     diff = GaussianDiffusion(linear_betas(1000), device)
     x = ImageNoise(list(range(b)), device).randn((b,) + shape, 0)
     with torch.inference_mode():
@@ -219,7 +221,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
+    for _ in range(2):  # the first call compiles the network, when it is compiled
         x = step(x)
     sync(device)
     t0 = time.perf_counter()
@@ -227,8 +229,18 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
         x = step(x)
     sync(device)
     per_step = (time.perf_counter() - t0) / args.sample_timed_steps
-    return {"img_per_s": b / (per_step * args.num_steps), "s_per_step": per_step, "compile_s": compile_s,
-            "peak_mem_gb": peak_memory_gb(device)}
+    outcome = outcomes[0] if outcomes else None
+    return {"img_per_s": b / (per_step * args.num_steps), "s_per_step": per_step,
+            "compile_s": outcome["seconds"] if outcome else 0.0, "peak_mem_gb": peak_memory_gb(device),
+            **compiled_fields(outcome)}
+
+
+def compiled_fields(outcome: dict | None) -> dict:
+    """A row's `compiled` (whether its network ran compiled) and, when it fell back, `compile_error`."""
+    if outcome is None:
+        return {"compiled": False}
+    return {"compiled": outcome["compiled"]} if outcome["compiled"] else {"compiled": False,
+                                                                         "compile_error": outcome["reason"]}
 
 
 def train_flops(args: argparse.Namespace, device: torch.device) -> float:

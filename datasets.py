@@ -235,6 +235,34 @@ class ShardedBatches:
         return perm.view(len(self), self.batch_size, self.world)[:, :, self.rank]
 
 
+class StagedBatches:
+    """Batches of a host-side image tensor for a device it does not fit on: each is gathered into one of a few
+    buffers reused across steps (pinned on CUDA, so the copy is asynchronous) and copied to the device."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device, slots: int = 3):
+        self.images, self.device = images, device
+        cuda = device.type == "cuda"
+        self.buffers = [torch.empty((batch_size,) + tuple(images.shape[1:]), dtype=images.dtype, pin_memory=cuda)
+                        for _ in range(slots)]
+        self.copied: list = [None] * slots  # the CUDA event after each buffer's last copy
+        self.calls = 0
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        """images[index] on the device."""
+        slot = self.calls % len(self.buffers)
+        self.calls += 1
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the copy out of this buffer, `slots` steps ago, has finished
+        buffer = self.buffers[slot][:len(index)]
+        torch.index_select(self.images, 0, index, out=buffer)
+        if self.device.type != "cuda":
+            return buffer.to(self.device, copy=True)
+        batch = buffer.to(self.device, non_blocking=True)
+        self.copied[slot] = torch.cuda.Event()
+        self.copied[slot].record()
+        return batch
+
+
 def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """Labels 0,0,..,1,1,.. so that a grid with `per_class` images per row shows one class per row."""
     return torch.arange(num_classes).repeat_interleave(per_class)

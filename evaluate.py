@@ -62,9 +62,12 @@ class Sampler:
         return self.fast.autocast(device) if self.fast is not None else nullcontext()
 
     def prepare(self, net: nn.Module, image_shape: tuple[int, int, int], cdim: int, device: torch.device,
-                say: Callable[[str], None]) -> nn.Module:
-        """The network this sampler calls: compiled once for its fixed batch (behind the probe, eager if that
-        fails) when --compile asks, else `net` itself. Reused by every step, batch, grid and FID of a run."""
+                say: Callable[[str], None], record: Callable[[dict], None] = lambda outcome: None) -> nn.Module:
+        """The network this sampler calls: `net` itself, or with --compile a stand-in that compiles `net` at its
+        first call, once, for the sampler's fixed batch (behind the probe, eager if that fails; `record` gets the
+        outcome). Reused by every step, batch, grid and FID of a run.
+
+        The outcome is this rank's own: sampling runs no collective, and grids are drawn by rank 0 alone."""
         if not self.fixed_batch:
             return net
         rows = self.batch if self.w == 0 else 2 * self.batch  # CFG runs both halves as one 2B batch
@@ -73,7 +76,12 @@ class Sampler:
             with torch.inference_mode(), self.precision(device):
                 return m(torch.zeros((rows,) + tuple(image_shape), device=device),
                          torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(rows, cdim, device=device))
-        return compile_or_eager(net, probe, device, say, self.fast.compile_mode)
+
+        def compile_now() -> nn.Module:
+            compiled, outcome = compile_or_eager(net, probe, device, say, self.fast.compile_mode, "sampling network")
+            record(outcome)
+            return compiled
+        return CompiledAtFirstCall(compile_now)
 
     def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cond: torch.Tensor, shape: tuple,
              noise: ImageNoise) -> torch.Tensor:
@@ -83,6 +91,18 @@ class Sampler:
                 return diffusion.ddim_sample(net, cond, shape, num_steps=self.num_steps, eta=self.eta,
                                              select=self.select, w=self.w, generator=noise)
             return diffusion.sample(net, cond, shape, w=self.w, generator=noise)
+
+
+class CompiledAtFirstCall:
+    """Calls the network `compile_now()` returns, which it asks for at the first call only."""
+
+    def __init__(self, compile_now: Callable[[], nn.Module]):
+        self.compile_now, self.net = compile_now, None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            self.net = self.compile_now()
+        return self.net(*inputs)
 
 
 class PngWriter:

@@ -12,14 +12,13 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.distributed as dist
-from pytorch_fid import inception as pf_inception
 from scipy import linalg
 
 from datasets import ImageData, to_float
 from runtime import UserError
 
 FEATURES = ("inception", "classifier")
-INCEPTION_FILE = os.path.basename(pf_inception.FID_WEIGHTS_URL)
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL names this file
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,8 +28,19 @@ def inception_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
 
 
+def pytorch_fid_inception():
+    """pytorch-fid's inception module, imported only where Inception FID is asked for."""
+    try:
+        from pytorch_fid import inception
+    except ImportError:
+        raise UserError("Inception FID needs pytorch-fid: pip install pytorch-fid (or use --fid_features classifier, "
+                        "which needs nothing more)") from None
+    return inception
+
+
 def inception_network(weights: str | None, device: torch.device) -> torch.nn.Module:
     """pytorch-fid's InceptionV3 (pool3 block), from `weights` or the torch hub cache (downloaded when online)."""
+    pf_inception = pytorch_fid_inception()
     if weights is not None:
         if not os.path.isfile(weights):
             raise UserError(f"--inception_weights {weights} does not exist")

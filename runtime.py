@@ -101,6 +101,7 @@ def _auto_or_bool(v: Any) -> bool:
 
 AUTO_OR_BOOL = Rule(_auto_or_bool, "auto, True or False", "maybe")
 DEVICE = one_of("auto", "cuda", "cpu")
+DIST_BACKEND = one_of("auto", "nccl", "gloo")
 COMPILE_MODE = Rule(lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}", "fastest")
 AMP = one_of("auto", "bf16", "fp16", "none")
 
@@ -114,7 +115,11 @@ def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
-    """Parse flags and run main; a UserError (or missing file) becomes one `error:` line and exit code 2."""
+    """Parse flags and run main; a UserError (or missing file) becomes one `error:` line and exit code 2.
+
+    In a torchrun job the line comes from the first rank that fails, whichever it is: every rank that raises the
+    same agreed error, and every rank that fails only because another one left, stays silent.
+    """
     parser.add_argument("--debug", type=str2bool, default=False, help="show full tracebacks instead of one-line errors")
     args = parser.parse_args()
     try:
@@ -122,14 +127,28 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     except (UserError, FileNotFoundError) as e:
         if args.debug:
             raise
-        if int(os.environ.get("RANK", 0)) == 0:
+        if first_failure():
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception:
         if args.debug:
             raise
-        traceback.print_exc()
+        if first_failure():
+            traceback.print_exc()
         sys.exit(1)
+
+
+_JOB_STORE: Any = None  # the torchrun job's key-value store once this process has joined it
+
+
+def first_failure() -> bool:
+    """Whether this process is the job's first to fail (always, alone; rank 0 before the job is joined)."""
+    if _JOB_STORE is None:
+        return int(os.environ.get("RANK", 0)) == 0
+    try:
+        return _JOB_STORE.add("failures", 1) == 1
+    except Exception:  # the store went away with the job: say it rather than nothing
+        return True
 
 
 @dataclass
@@ -139,15 +158,17 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
-    control: Any = None  # a gloo group for CPU-side flags (None: the default group, already gloo on CPU)
+    control: Any = None  # the gloo group for CPU-side flags and agreements (None: one process)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); LOCAL_RANK picks the GPU."""
+def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU, or `backend`); LOCAL_RANK picks the GPU
+    (modulo the GPUs visible, so that a gloo job can put two ranks on one card)."""
+    global _JOB_STORE
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -156,24 +177,41 @@ def setup_distributed(device: str = "auto") -> Dist:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     elif device == "cpu":
         dev = torch.device("cpu")
     else:
         raise UserError(f"unknown --device '{device}' (choose auto, cuda or cpu)")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise UserError("--dist_backend nccl needs CUDA devices; use gloo on CPU")
     control = None
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            control = dist.new_group(backend="gloo")  # stop flags travel without a GPU sync
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        _JOB_STORE = dist.PrefixStore("protodiffusion/", store)
+        # stop flags and agreements travel on their own CPU group: no GPU sync, and never queued behind DDP
+        control = dist.new_group(backend="gloo")
     return Dist(rank, world, local_rank, dev, control)
 
 
 def teardown_distributed() -> None:
     """Leave the process group, if any."""
+    global _JOB_STORE
     if dist.is_initialized():
         dist.destroy_process_group()
+    _JOB_STORE = None
+
+
+def all_agree(ok: bool, group: Any = None) -> bool:
+    """True on every rank only if `ok` is true on every rank (a CPU all-reduce; `ok` itself without a job)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -226,33 +264,43 @@ def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.
     return FastPath(AMP_DTYPES[amp], use_compile, use_channels_last, compile_mode)
 
 
-def compile_or_eager(module: torch.nn.Module, example: Callable[[torch.nn.Module], torch.Tensor],
-                     device: torch.device, say: Callable[[str], None], mode: str = "default") -> torch.nn.Module:
-    """torch.compile(module), proven by running `example` (and its backward if it needs one); eager, with one
-    line, if that fails.
+def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module], Any], device: torch.device,
+                     say: Callable[[str], None], mode: str = "default", name: str = "network",
+                     group: Any = None) -> tuple[torch.nn.Module, dict]:
+    """torch.compile(module) proven by `probe` (what the first real calls run, backward included), or the plain
+    module, with one line, if the probe fails on this rank or, in a job, on any rank. Returns the module to call and
+    the outcome's record (network, compiled, mode, seconds, reason).
 
-    torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface as a crash in the
-    first training step. The probe runs with the RNG forked and its gradients discarded, so the run that follows
-    is the same as without it, and its time is the compilation time.
+    torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface in the first real call,
+    possibly on one rank only. The probe runs with the RNG forked and its gradients discarded, so the run that
+    follows is the same as without it, and its time is the compile time. With CUDA graphs (reduce-overhead) it runs
+    three times (warm-up, record, replay), so the graphs are captured inside it. A failure resets nothing global:
+    other networks' compiled graphs stay.
     """
     # shapes are fixed; a symbolic-shape recompile takes minutes
     compiled = torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
     t0 = time.time()
+    reason = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            out = example(compiled)
-            if out.requires_grad:
-                out.backward()
+            for _ in range(3 if mode == "reduce-overhead" else 1):
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                probe(compiled)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        say(f"torch.compile failed ({type(e).__name__}: {reason}); continuing eager "
-            "(--compile False skips the attempt)")
-        torch._dynamo.reset()
-        return module
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     finally:
         module.zero_grad(set_to_none=True)
-    say(f"torch.compile ({mode}): compiled in {time.time() - t0:.1f} s")
-    return compiled
+    seconds = time.time() - t0
+    if not all_agree(reason is None, group) and reason is None:
+        reason = "the compile failed on another rank, so every rank runs eager"
+    outcome = {"network": name, "compiled": reason is None, "mode": mode, "seconds": round(seconds, 2),
+               "reason": reason}
+    if reason is None:
+        say(f"torch.compile ({mode}) of the {name}: compiled in {seconds:.1f} s")
+        return compiled, outcome
+    say(f"torch.compile of the {name} failed ({reason}); continuing eager (--compile False skips the attempt)")
+    return module, outcome
 
 
 def adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -275,23 +323,40 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, world: int = 1, group: Any = None):
         self.received: str | None = None
+        self.world, self.group = world, group
+        self.flag, self.pending = torch.zeros(1), None
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, world: int, group: Any = None) -> bool:
-        """True on every rank once any rank has received a signal (a CPU all-reduce when world > 1)."""
-        if world == 1:
+    def poll(self) -> bool:
+        """Called once per step by every rank: True on every rank at the same step, once any rank has a signal.
+
+        Several processes: each call reads the all-reduce that the previous call started and starts the next one,
+        on the CPU group, so no step waits for the network or reads the GPU; a signal is acted on one step after
+        the step it arrived in, on every rank.
+        """
+        if self.world == 1:
             return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return flag.item() > 0
+        stop = False
+        if self.pending is not None:
+            self.pending.wait()
+            stop = bool(self.flag.item())
+        if not stop:
+            self.flag = torch.tensor([1 if self.received else 0])
+            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        else:
+            self.pending = None
+        return stop
 
     def restore(self) -> None:
-        """Put the previous handlers back."""
+        """Finish the all-reduce in flight (every rank started it) and put the previous handlers back."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 

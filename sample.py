@@ -78,8 +78,9 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
     if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
         say(warning)
+    outcomes = []  # the compile's outcome, once the first batch has compiled the network
     sampling_net = sampler.prepare(net, (cfg["inch"], cfg["image_size"], cfg["image_size"]), cfg["cdim"], d.device,
-                                   say)
+                                   say, outcomes.append)
     labels = image_labels(n, clsnum, args.label, args.seed)
     per_class = min(10, n // clsnum) if args.label == "range" else 10
     rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
@@ -107,6 +108,8 @@ def main(args: argparse.Namespace) -> None:
                       f"classifier {os.path.abspath(clf_path)}"}
             if "class_accuracy" in result:
                 record["class_accuracy"] = result["class_accuracy"]
+            if outcomes:
+                record["compile"] = outcomes[0]
             line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
                                                    if "class_accuracy" in result else "")
             print(f"{line} ({result['n']} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference "

@@ -22,15 +22,15 @@ from tqdm import tqdm
 
 from checkpoints import (TrainState, build_models, latest_checkpoint, load_file, new_run_dir, run_models,
                          save_checkpoint, set_rng_state)
-from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset
+from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
 from diffusion import GaussianDiffusion, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, NATIVE_OR_SIZE, POSITIVE_LIST, Dist, Rule, RunLog,
-                     StopSignal, UserError, above, adamw, at_least, between, broadcast_object, check_flags, finite,
-                     int_list, one_of, resolve_fast_path, run_cli, seed_everything, setup_distributed, str2bool,
-                     teardown_distributed, unset_or)
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE, POSITIVE_LIST, Dist,
+                     Rule, RunLog, StopSignal, UserError, above, adamw, at_least, between, broadcast_object,
+                     check_flags, finite, int_list, one_of, resolve_fast_path, run_cli, seed_everything,
+                     setup_distributed, str2bool, teardown_distributed, unset_or)
 from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
@@ -39,7 +39,8 @@ MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_sh
 # other classes; both frozen like proto_frozen, so each differs from it in one property only
 FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
-RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last")
+RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last",
+                 "dist_backend")
 
 
 def _norm_value(v: str) -> bool:
@@ -66,7 +67,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "mode": one_of(*MODES), "dataset": one_of(*DATASETS), "fid_features": one_of("inception", "classifier"),
     "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
-    "compile_mode": COMPILE_MODE, "device": DEVICE,
+    "compile_mode": COMPILE_MODE, "device": DEVICE, "dist_backend": DIST_BACKEND,
     **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root", "tiny_imagenet_path",
                               "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
 }
@@ -236,7 +237,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     """Train; returns this rank's final modules (net, cemblayer, ema) for callers such as tests."""
     # --- setup and config: torchrun's process group, the run's flags (its own on resume), the speed settings
     check_flags(args, FLAG_RULES)
-    d = setup_distributed(args.device)
+    d = setup_distributed(args.device, args.dist_backend)
     resume = read_resume(args)
     validate(args)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
@@ -245,8 +246,9 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     data, cfg = read_data(args, d.world)
     protos = read_prototypes(args, cfg, d.device) if resume is None else None
     on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
-    images = data.images.to(d.device) if on_device else data.images.pin_memory()
+    images = data.images.to(d.device) if on_device else data.images
     labels = data.labels.to(d.device)
+    staged = None if on_device else StagedBatches(images, args.batchsize, d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
     run_dir = make_run_dir(args, cfg, d, fresh=resume is None)
     log = RunLog(run_dir, d.is_main)
@@ -264,8 +266,10 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     # --- the step: one DDP around both models, then compiled as one graph (a batch of the training shape proves it)
     probe = torch.arange(args.batchsize, device=images.device) % len(labels)
-    loss = make_loss(models, diffusion, args.threshold, fast, d.device,
-                     (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d.world, d.local_rank)
+    loss, outcome = make_loss(models, diffusion, args.threshold, fast, d.device,
+                              (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d)
+    if outcome is not None:
+        log.record(event="compile", **outcome)
     train_step = TrainStep(loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
 
     # --- resume: optimizer, schedule, EMA, RNG and the position in the data
@@ -274,19 +278,20 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         start_epoch, skip = restore(state, resume, args, d, run_dir, log)
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
-    # grids and --fid_every sample the EMA weights through one network, compiled once for the sampler's batch
+    # grids and --fid_every sample the EMA weights through one network, compiled at its first use for the
+    # sampler's batch (a run that stops before its first grid never compiles it)
     sampler = Sampler.from_args(args, fast=fast)
     ema = state.ema.module
     sampling_net = sampler.prepare(ema["net"], (cfg["inch"], cfg["image_size"], cfg["image_size"]), args.cdim,
-                                   d.device, log.line)
+                                   d.device, log.line, lambda outcome: log.record(event="compile", **outcome))
     evaluator = make_evaluator(args, cfg, diffusion, d, sampler, log.line) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
 
     # --- training loop: nothing reads the device between log steps, so the CPU runs ahead of the GPU
-    stop = StopSignal()
-    first_bad = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with a non-finite loss
+    stop = StopSignal(d.world, d.control)
+    first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=d.device)  # first step with a non-finite loss
     step = start_epoch * len(batches) + skip
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is inside DiffusionLoss
@@ -297,28 +302,26 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i in bar:
             idx = order[i]
-            batch = images[idx] if on_device else images[idx].pin_memory().to(d.device, non_blocking=True)
+            batch = images[idx] if on_device else staged(idx)
             step_loss = train_step(batch, epoch_labels[i])
             step += 1
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+            first_bad = torch.where(torch.isfinite(step_loss), first_bad, first_bad.clamp(max=step))
             window.add(step_loss)
             whole_epoch.add(step_loss)
             at_log = step % args.log_every == 0
             if at_log:
-                check_finite(first_bad, len(batches))  # reading the device: the loop's one sync point
+                check_finite(first_bad, len(batches), d.world)  # reading the device: the loop's one sync point
                 mean_loss, rate = window.read(d.world, args.batchsize)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 window = LossMeter(d.device)
-            # one process checks its own flag every step; several agree over gloo at log steps and epoch ends only
-            if d.world == 1 or at_log or i == len(batches) - 1:
-                stopped = stop.agreed(d.world, d.control)
+            stopped = stop.poll()  # the same answer on every rank at the same step, without a device read
             if stopped or step == args.max_steps:
                 stopped = True
                 break
         bar.close()
-        check_finite(first_bad, len(batches))
+        check_finite(first_bad, len(batches), d.world)
         if stopped:
             why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
                 else f"--max_steps {args.max_steps}"
@@ -377,10 +380,17 @@ class LossMeter:
         return mean.item(), self.n * batchsize * world / (time.time() - self.t0)
 
 
-def check_finite(first_bad: torch.Tensor, steps_per_epoch: int) -> None:
-    """Stop with one clear line if any step so far had a NaN or infinite loss (nothing more is saved)."""
+NO_BAD_STEP = 2 ** 62  # first_bad's value while every loss has been finite
+
+
+def check_finite(first_bad: torch.Tensor, steps_per_epoch: int, world: int = 1) -> None:
+    """Stop every rank with one clear line if any step of any rank so far had a NaN or infinite loss (nothing more
+    is saved)."""
+    if world > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     bad = int(first_bad.item())
-    if bad >= 0:
+    if bad != NO_BAD_STEP:
         raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
                         "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
 
@@ -462,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--dist_backend", default="auto", help="torchrun's backend: auto (nccl on CUDA, gloo on CPU), "
+                   "nccl or gloo (gloo lets several ranks share one GPU, as scripts/gpu_check.sh does)")
     return p
 
 

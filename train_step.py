@@ -5,6 +5,7 @@ label drop, timesteps, noise, q_sample, UNet, eps-MSE) as one module, so that on
 wrapper cover all of it. `TrainStep` adds backward, the optimizer (through the GradScaler), and EMA, and never
 reads a device value, so the CPU can queue step n+1 while the GPU runs step n.
 """
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from datasets import to_float
 from diffusion import GaussianDiffusion, drop_condition
 from ema import EMA
-from runtime import FastPath, compile_or_eager
+from runtime import Dist, FastPath, compile_or_eager
 
 
 class DiffusionLoss(nn.Module):
@@ -38,19 +39,32 @@ class DiffusionLoss(nn.Module):
 
 def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
               device: torch.device, example: tuple[torch.Tensor, torch.Tensor], say: Callable[[str], None],
-              world: int = 1, local_rank: int = 0) -> nn.Module:
-    """DiffusionLoss, wrapped in DDP when there are several processes, then compiled when fast.compile asks.
+              d: Dist | None = None) -> tuple[nn.Module, dict | None]:
+    """DiffusionLoss, wrapped in DDP when the job has several processes, then compiled when fast.compile asks;
+    returns it with the compile's outcome record (None when no compile was asked for).
 
     DDP goes inside torch.compile, the order PyTorch documents for the two together: dynamo then splits the graph
     at DDP's bucket boundaries, so gradient all-reduce overlaps the rest of backward. The compile is proven on
-    `example` (a batch of the training shape) before training starts; on failure the run goes on eager.
+    `example` (a batch of the training shape) before training starts, forward and backward under DDP's no_sync, so
+    that the probe runs no collective that a rank whose compile failed would not join; the ranks then agree, and if
+    any failed, every rank goes on eager with a fresh DDP around the plain module.
     """
-    loss: nn.Module = DiffusionLoss(models, diffusion, threshold, fast)
-    if world > 1:
-        loss = DDP(loss, device_ids=[local_rank] if device.type == "cuda" else None)
-    if fast.compile:
-        loss = compile_or_eager(loss, lambda m: m(*example), device, say, fast.compile_mode)
-    return loss
+    plain = DiffusionLoss(models, diffusion, threshold, fast)
+    several = d is not None and d.world > 1
+
+    def wrap() -> nn.Module:
+        return DDP(plain, device_ids=[device.index] if device.type == "cuda" else None) if several else plain
+
+    loss = wrap()
+    if not fast.compile:
+        return loss, None
+
+    def probe(m: nn.Module) -> None:
+        with loss.no_sync() if several else nullcontext():
+            m(*example).backward()
+    compiled, outcome = compile_or_eager(loss, probe, device, say, fast.compile_mode, "loss",
+                                         d.control if several else None)
+    return (compiled if outcome["compiled"] else wrap()), outcome
 
 
 class TrainStep:

@@ -1,12 +1,52 @@
-"""Run train.main under torchrun and save this rank's final weights to OUT/rank{r}.pt (for the DDP test)."""
+"""Run train.main under torchrun and save this rank's final weights to OUT/rank{r}.pt (for the DDP tests).
+
+Faults for one rank only, set by environment variables:
+- BROKEN_COMPILER_RANK=r: on rank r, `g++` and `cc` are programs that fail (first in PATH) and inductor gets its own
+  empty cache dir, so that rank's torch.compile cannot build a kernel while the other ranks' can.
+- INF_LOSS_RANK=r, INF_LOSS_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
+Errors reach the user as train.py's do (runtime.run_cli).
+"""
 import os
+import stat
 import sys
 
-import torch
+out = sys.argv[1]
+rank = os.environ["RANK"]
+if os.environ.get("BROKEN_COMPILER_RANK") == rank:
+    fake = os.path.join(out, f"broken_bin_{rank}")
+    os.makedirs(fake, exist_ok=True)
+    for name in ("g++", "gcc", "c++", "cc", "clang++", "clang"):
+        path = os.path.join(fake, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\necho 'this rank has no working compiler' >&2\nexit 1\n")
+        os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+    os.environ["PATH"] = fake + os.pathsep + os.environ["PATH"]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(out, f"inductor_cache_{rank}")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+import train_step  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
-out = sys.argv[1]
-modules = train.main(train.build_parser().parse_args(sys.argv[2:]))
-torch.save({name: m.state_dict() for name, m in modules.items()}, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+if os.environ.get("INF_LOSS_RANK") == rank:
+    first_inf, real_call = int(os.environ["INF_LOSS_STEP"]), train_step.TrainStep.__call__
+    steps = [0]
+
+    def inf_from_step_k(self, *a):
+        steps[0] += 1
+        loss = real_call(self, *a)
+        return loss * float("inf") if steps[0] >= first_inf else loss
+
+    train_step.TrainStep.__call__ = inf_from_step_k
+
+
+
+def main(args) -> None:
+    modules = train.main(args)
+    torch.save({name: m.state_dict() for name, m in modules.items()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+sys.argv = sys.argv[:1] + sys.argv[2:]
+run_cli(main, train.build_parser())

@@ -1,6 +1,7 @@
 """The optimised path computes what the straightforward one does; compiled runs save plain checkpoints."""
 import functools
 import glob
+import json
 import os
 
 import pytest
@@ -61,7 +62,7 @@ def short_run(amp: str, device: torch.device, params_in_bf16: bool = False, step
     g = torch.Generator().manual_seed(3)
     data = torch.randint(256, (steps, 16, 3, 16, 16), generator=g, dtype=torch.uint8).to(device)
     labels = torch.randint(10, (steps, 16), generator=g).to(device)
-    step = bench.make_train_step(models, fast, device, (data[0], labels[0]))
+    step, _ = bench.make_train_step(models, fast, device, (data[0], labels[0]))
     torch.manual_seed(0)
     losses = torch.stack([step(data[i], labels[i]).float() for i in range(steps)]).cpu()
     final = [p.detach().float().clone() for p in models.parameters()]
@@ -135,8 +136,12 @@ def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(
     train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True",
                                                        "--run_dir", str(tmp_path / "fallback")]))
     out = capsys.readouterr().out
-    # one line for the training step, one for the sampling network of the grids
-    assert out.count("torch.compile failed (RuntimeError: C compiler not found); continuing eager") == 2
+    # one line for the training step, one for the sampling network of the grids, and a record of each
+    assert out.count("failed (RuntimeError: C compiler not found); continuing eager") == 2
+    records = [json.loads(line) for line in open(tmp_path / "fallback" / "metrics.jsonl")]
+    assert [(r["network"], r["compiled"], r["reason"]) for r in records if r["event"] == "compile"] == [
+        ("loss", False, "RuntimeError: C compiler not found"),
+        ("sampling network", False, "RuntimeError: C compiler not found")]
     a, b = (torch.load(tmp_path / r / "checkpoints" / "ckpt_1_checkpoint.pt", weights_only=True)["net"]
             for r in ("eager", "fallback"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -29,7 +29,7 @@ def test_bench_times_the_step_train_py_runs(tmp_path):
     models = bench.build(args, device, fast).train()
     data = load_dataset("digits")
     order = ShardedBatches(len(data.labels), 64, seed=0).epoch(0)
-    step = bench.make_train_step(models, fast, device, (data.images[order[0]], data.labels[order[0]]))
+    step, _ = bench.make_train_step(models, fast, device, (data.images[order[0]], data.labels[order[0]]))
     step.optimizer.param_groups[0]["lr"] = 2e-4  # train.py's first warm-up epoch runs at --lr, 2e-4
     torch.manual_seed(0)  # train.py's per-rank seed, 0 x 1 + 0
     for i in range(steps):
@@ -60,7 +60,7 @@ def test_the_whole_loss_is_one_graph_without_breaks(monkeypatch):
     fast = resolve_fast_path("bf16", "True", "True", device)
     models = bench.build(args, device, fast).train()
     batch = bench.random_batch(args, device, 4)
-    step = bench.make_train_step(models, fast, device, batch)
+    step, _ = bench.make_train_step(models, fast, device, batch)
     for _ in range(3):
         step(*batch)
     (graph,) = graphs  # one graph: nothing ran eager around the UNet, and later steps reused it
