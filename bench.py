@@ -24,10 +24,10 @@ from diffusion import GaussianDiffusion, linear_betas
 from ema import EMA
 from embedding import ConditionalEmbedding
 from evaluate import Sampler
-from noise import ImageNoise
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_MODES, DEVICE, POSITIVE_LIST, FastPath, Rule,
-                     UserError, above, adamw, at_least, check_flags, int_list, resolve_fast_path, run_cli, str2bool,
-                     unset_or)
+from noise import ImageNoise, PhiloxNormals, normals
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_MODES, COMPILE_SCOPE, DEVICE, POSITIVE_LIST,
+                     FastPath, Rule, UserError, above, adamw, at_least, check_flags, int_list, resolve_fast_path,
+                     run_cli, str2bool, unset_or)
 from train_step import TrainStep, make_loss
 from unet import Unet, check_unet_config
 
@@ -35,7 +35,8 @@ from unet import Unet, check_unet_config
 # "H100 80GB HBM3", the PCIe card "H100 PCIe")
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
                     ("H200", 989.0), ("A100", 312.0))
-ROWS = ("train_eager", "train", "loop", "sample_eager", "sample")
+ROWS = ("train_eager", "train", "loop", "sample_eager", "sample", "noise")
+DEFAULT_ROWS = "train_eager,train,loop,sample_eager,sample"
 
 
 def sync(device: torch.device) -> None:
@@ -182,6 +183,7 @@ def bench_loop(args: argparse.Namespace, device: torch.device, fast: FastPath) -
                "--batchsize", str(args.batchsize), "--epoch", "1000", "--max_steps", str(args.loop_steps),
                "--log_every", str(log_every), "--sample_every", "1000", "--interval", "1000",
                "--amp", args.amp, "--compile", str(fast.compile), "--compile_mode", fast.compile_mode,
+               "--compile_scope", fast.compile_scope,
                "--channels_last", str(fast.channels_last), "--device", device.type, "--run_dir", run_dir]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -235,6 +237,34 @@ def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath 
             **compiled_fields(outcome)}
 
 
+def bench_noise(args: argparse.Namespace, device: torch.device, compiled: bool) -> dict:
+    """One draw of per-image noise for a sampling batch (what DDPM and DDIM with eta > 0 pay every step): the ops
+    the profiler counts per draw, and the time per draw."""
+    from torch.profiler import ProfilerActivity, profile
+    b = args.sample_batch or args.batchsize
+    noise = ImageNoise(list(range(b)), device, torch.compile(PhiloxNormals(), dynamic=False) if compiled else normals)
+    shape = (b, args.inch, args.image_size, args.image_size)
+    t0 = time.perf_counter()
+    noise.randn(shape, 0)  # compiles, when compiled
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        noise.randn(shape, 1)
+        sync(device)
+    top_level = [e for e in prof.events() if e.name.startswith("aten::")
+                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    t0 = time.perf_counter()
+    for draw in range(2, 22):
+        noise.randn(shape, draw)
+    sync(device)
+    per_draw = (time.perf_counter() - t0) / 20
+    return {"img_per_s": b / per_draw, "s_per_step": per_draw, "ops_per_draw": len(top_level),
+            "kernels_per_draw": len(kernels) if device.type == "cuda" else None, "compile_s": compile_s,
+            "peak_mem_gb": None, "compiled": compiled}
+
+
 def compiled_fields(outcome: dict | None) -> dict:
     """A row's `compiled` (whether its network ran compiled) and, when it fell back, `compile_error`."""
     if outcome is None:
@@ -262,6 +292,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "chmul": POSITIVE_LIST, "peak_tflops": unset_or(above(0), "the datasheet figure"),
     "rows": Rule(lambda v: all(r in ROWS for r in v.split(",")), f"a comma list of {', '.join(ROWS)}", "train,fast"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
+    "compile_scope": COMPILE_SCOPE,
     "device": DEVICE, **{flag: ANY for flag in ("profile", "json")},
 }
 
@@ -275,10 +306,12 @@ def main(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, device, args.compile_mode)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, device, args.compile_mode,
+                             args.compile_scope)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     opt_desc = (f"amp {str(fast.amp).replace('torch.', '') if fast.amp else 'none'}, compile {fast.compile}"
-                + (f" ({fast.compile_mode})" if fast.compile else "") + f", channels_last {fast.channels_last}, "
+                + (f" ({fast.compile_mode}, {fast.compile_scope})" if fast.compile else "")
+                + f", channels_last {fast.channels_last}, "
                 "fused AdamW")
     labels = {"train_eager": "train step, eager fp32", "train": f"train step, optimised ({opt_desc})",
               "loop": f"train.py loop, optimised, {args.loop_steps} steps",
@@ -289,6 +322,10 @@ def main(args: argparse.Namespace) -> None:
             for one_pass in (False, True):
                 label = labels[key].format("one 2B forward" if one_pass else "two B forwards")
                 rows[label] = bench_sample(args, device, fast if key == "sample" else None, one_pass)
+        elif key == "noise":
+            for compiled in (False, True):
+                rows[f"noise, one draw for a batch, {'compiled' if compiled else 'eager'}"] = bench_noise(
+                    args, device, compiled)
         elif key == "loop":
             result = bench_loop(args, device, fast)
             if result is not None:
@@ -320,6 +357,9 @@ def main(args: argparse.Namespace) -> None:
             extra = f", {tflops:.1f} TFLOP/s = {100 * tflops / measured:.1f}% of the measured matmul" + \
                 (f", {100 * tflops / peak:.1f}% of the datasheet peak" if peak else "")
         mem = f"  peak mem {r['peak_mem_gb']:.2f} GiB" if r["peak_mem_gb"] is not None else ""
+        if "ops_per_draw" in r:
+            extra = f", {r['s_per_step'] * 1e3:.2f} ms and {r['ops_per_draw']} ops per draw" + (
+                f", {r['kernels_per_draw']} kernels" if r["kernels_per_draw"] is not None else "")
         print(f"{label:<90} {r['img_per_s']:9.2f} img/s{mem}{extra}")
         if "compile_s" in r and label.startswith("train step, optimised"):
             print(f"{'':<4}not counted above: setup and compilation {r['compile_s']:.1f} s, first step "
@@ -349,10 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps after the first")
     p.add_argument("--loop_steps", type=int, default=40, help="steps of the train.py loop row (logged in 4 windows)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"rows to time, a comma list of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to time, a comma list of {', '.join(ROWS)} (noise: "
+                   "per-image noise eager and compiled, with the profiler's op count per draw)")
     p.add_argument("--amp", default="auto", help="optimised path: bf16, fp16 or none (auto: bf16 on CUDA)")
     p.add_argument("--compile", default="auto", help="optimised path: torch.compile (auto: on CUDA only)")
     p.add_argument("--compile_mode", default="default", help=f"torch.compile mode: {', '.join(COMPILE_MODES)}")
+    p.add_argument("--compile_scope", default="whole", help="optimised training step: whole (the loss as one "
+                   "graph) or regional (the UNet's blocks)")
     p.add_argument("--channels_last", default="auto", help="optimised path: channels_last (auto: on)")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace and the top-20 op table of the "
                    "optimised training step to this folder")

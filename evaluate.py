@@ -8,6 +8,7 @@ Used by sample.py (a saved run) and train.py (EMA grids and --fid_every during t
 """
 import argparse
 import hashlib
+import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from datasets import DatasetError, class_grid_labels, load_dataset, save_grid, save_png, to_float, to_uint8
 from diffusion import GaussianDiffusion, ddim_timesteps
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
-from noise import ImageNoise
+from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
 from runtime import Dist, FastPath, UserError, compile_or_eager
 
 
@@ -38,6 +39,7 @@ class Sampler:
     batch: int
     seed: int
     fast: FastPath | None = None
+    normals: Callable[..., torch.Tensor] = normals  # computes per-image noise; compiled by prepare() with --compile
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, w: float | None = None, fast: FastPath | None = None) -> "Sampler":
@@ -81,6 +83,19 @@ class Sampler:
             compiled, outcome = compile_or_eager(net, probe, device, say, self.fast.compile_mode, "sampling network")
             record(outcome)
             return compiled
+
+        def compile_noise() -> nn.Module:
+            n = math.prod(image_shape)
+            with torch.inference_mode(False):  # the first draw may run under inference mode; generate's keys do not
+                key = ImageNoise(list(range(self.batch)), device).key
+            def probe_noise(m: nn.Module) -> torch.Tensor:  # as the samplers draw: under inference mode
+                with torch.inference_mode():
+                    return m(*normals_inputs(n, 0, key, device))
+            compiled, outcome = compile_or_eager(PhiloxNormals(), probe_noise, device, say, "default",
+                                                 "per-image noise")
+            record(outcome)
+            return compiled
+        self.normals = CompiledAtFirstCall(compile_noise)
         return CompiledAtFirstCall(compile_now)
 
     def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cond: torch.Tensor, shape: tuple,
@@ -158,7 +173,7 @@ def generate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
         with torch.inference_mode():
             cond = cemblayer(labels[rows].to(device))
         x = sampler.draw(diffusion, net, cond, (len(rows),) + tuple(shape),
-                         ImageNoise([sampler.seed + i for i in rows], device))
+                         ImageNoise([sampler.seed + i for i in rows], device, sampler.normals))
         yield chunk, to_uint8(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
 
 

@@ -6,7 +6,7 @@ differently seeded images is one vectorised computation with no per-image launch
 are the same on every device; the normals (Box-Muller in fp32) agree across devices to float rounding.
 """
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,19 +33,36 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rou
     return [c0, c1, c2, c3]
 
 
+def normals(blocks: torch.Tensor, draw: torch.Tensor, key0: torch.Tensor, key1: torch.Tensor) -> torch.Tensor:
+    """Four standard normals per (image, block): Philox of counter (block, draw low, draw high, 0) under the image's
+    key, then Box-Muller; [images, blocks, 4], float32. Pure tensor ops, so torch.compile fuses it into one kernel."""
+    zero = torch.zeros_like(blocks)
+    words = philox4x32((blocks, zero + (draw & MASK), zero + ((draw >> 32) & MASK), zero), (key0, key1))
+    # 24 high bits of each word -> uniform in (0, 1); Box-Muller turns two uniforms into two normals
+    u = [((w >> 8).float() + 0.5) * 2.0 ** -24 for w in words]
+    radius = [torch.sqrt(-2 * torch.log(u[0])), torch.sqrt(-2 * torch.log(u[2]))]
+    angle = [2 * math.pi * u[1], 2 * math.pi * u[3]]
+    return torch.stack([radius[0] * torch.cos(angle[0]), radius[0] * torch.sin(angle[0]),
+                        radius[1] * torch.cos(angle[1]), radius[1] * torch.sin(angle[1])], dim=-1)
+
+
 class ImageNoise:
     """Standard normal noise for a batch of images, row i from `seeds[i]` alone, any draw keyed by an integer.
 
     The samplers key the starting noise 0 and the noise of the step at timestep t with t + 1, so a sampler that
-    skips a step (a repeated timestep) leaves every other step's noise unchanged.
+    skips a step (a repeated timestep) leaves every other step's noise unchanged. `normals` computes the draw:
+    `normals` above (about 200 small ops), or a compiled PhiloxNormals (one kernel; the draw key is a tensor, so new
+    keys do not recompile).
     """
 
-    def __init__(self, seeds: Sequence[int] | torch.Tensor, device: torch.device | str):
+    def __init__(self, seeds: Sequence[int] | torch.Tensor, device: torch.device | str,
+                 normals: Callable[..., torch.Tensor] = normals):
         seeds = torch.as_tensor(seeds, dtype=torch.int64)
         if (seeds < 0).any():
             raise ValueError("seeds must be >= 0")
         self.device = torch.device(device)
         self.key = ((seeds & MASK).to(self.device)[:, None], ((seeds >> 32) & MASK).to(self.device)[:, None])
+        self.normals = normals
 
     def __len__(self) -> int:
         return self.key[0].shape[0]
@@ -55,13 +72,19 @@ class ImageNoise:
         if shape[0] != len(self):
             raise ValueError(f"{len(self)} seeds for a batch of {shape[0]}")
         n = math.prod(shape[1:])
-        blocks = torch.arange((n + 3) // 4, device=self.device, dtype=torch.int64)[None]
-        zero = torch.zeros_like(blocks)
-        words = philox4x32((blocks, zero + (draw & MASK), zero + ((draw >> 32) & MASK), zero), self.key)
-        # 24 high bits of each word -> uniform in (0, 1); Box-Muller turns two uniforms into two normals
-        u = [((w >> 8).float() + 0.5) * 2.0 ** -24 for w in words]
-        radius = [torch.sqrt(-2 * torch.log(u[0])), torch.sqrt(-2 * torch.log(u[2]))]
-        angle = [2 * math.pi * u[1], 2 * math.pi * u[3]]
-        z = torch.stack([radius[0] * torch.cos(angle[0]), radius[0] * torch.sin(angle[0]),
-                         radius[1] * torch.cos(angle[1]), radius[1] * torch.sin(angle[1])], dim=-1)
+        z = self.normals(*normals_inputs(n, draw, self.key, self.device))
         return z.reshape(shape[0], -1)[:, :n].reshape(tuple(shape))
+
+
+def normals_inputs(n: int, draw: int, key: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple:
+    """The arguments of `normals` for n values per image and draw key `draw`."""
+    blocks = torch.arange((n + 3) // 4, device=device, dtype=torch.int64)[None]
+    return blocks, torch.full((), draw, dtype=torch.int64, device=device), *key
+
+
+class PhiloxNormals(torch.nn.Module):
+    """`normals` as a module, so that it compiles behind the same probe and fallback as the networks."""
+
+    def forward(self, blocks: torch.Tensor, draw: torch.Tensor, key0: torch.Tensor, key1: torch.Tensor) -> torch.Tensor:
+        return normals(blocks, draw, key0, key1)
+

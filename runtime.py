@@ -104,6 +104,7 @@ DEVICE = one_of("auto", "cuda", "cpu")
 DIST_BACKEND = one_of("auto", "nccl", "gloo")
 COMPILE_MODE = Rule(lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}", "fastest")
 AMP = one_of("auto", "bf16", "fp16", "none")
+COMPILE_SCOPE = one_of("whole", "regional")
 
 
 def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
@@ -205,13 +206,14 @@ def teardown_distributed() -> None:
     _JOB_STORE = None
 
 
-def all_agree(ok: bool, group: Any = None) -> bool:
-    """True on every rank only if `ok` is true on every rank (a CPU all-reduce; `ok` itself without a job)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
+def first_rank_failure(reason: str | None, group: Any = None) -> str | None:
+    """Every rank of `group`'s answer to "did any rank fail?": None if none did, else the lowest failing rank's
+    reason (group None: this process's own reason, no collective)."""
+    if group is None:
+        return reason
+    reasons = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reasons, reason, group=group)
+    return next((f"rank {rank}: {r}" for rank, r in enumerate(reasons) if r is not None), None)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -233,6 +235,7 @@ class FastPath:
     compile: bool
     channels_last: bool
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs
+    compile_scope: str = "whole"  # the training loss as one graph, or only the UNet's repeated blocks (regional)
 
     @property
     def cudagraphs(self) -> bool:
@@ -245,7 +248,7 @@ class FastPath:
 
 
 def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.device,
-                      compile_mode: str = "default") -> FastPath:
+                      compile_mode: str = "default", compile_scope: str = "whole") -> FastPath:
     """Turn the --amp / --compile / --channels_last / --compile_mode flags into settings for `device`.
 
     On CPU, channels_last is on by default: it measured faster for this UNet at 8x8, 16x16 and 32x32
@@ -261,15 +264,17 @@ def resolve_fast_path(amp: str, compile: str, channels_last: str, device: torch.
         torch.backends.cudnn.benchmark = True  # every training shape is fixed, so each is tuned once
     use_compile = cuda if str(compile).lower() == "auto" else str2bool(compile)  # values checked by AUTO_OR_BOOL
     use_channels_last = True if str(channels_last).lower() == "auto" else str2bool(channels_last)
-    return FastPath(AMP_DTYPES[amp], use_compile, use_channels_last, compile_mode)
+    return FastPath(AMP_DTYPES[amp], use_compile, use_channels_last, compile_mode, compile_scope)
 
 
 def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module], Any], device: torch.device,
                      say: Callable[[str], None], mode: str = "default", name: str = "network",
-                     group: Any = None) -> tuple[torch.nn.Module, dict]:
+                     group: Any = None, regions: list[torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
     """torch.compile(module) proven by `probe` (what the first real calls run, backward included), or the plain
     module, with one line, if the probe fails on this rank or, in a job, on any rank. Returns the module to call and
-    the outcome's record (network, compiled, mode, seconds, reason).
+    the outcome's record (network, compiled, mode, scope, seconds, reason). `group`: the ranks that must agree (every
+    rank of a DDP job; None: this process decides alone). `regions`: compile only these submodules, in place
+    (regional compilation: blocks of the same shapes share one compiled graph), and call `module` around them.
 
     torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface in the first real call,
     possibly on one rank only. The probe runs with the RNG forked and its gradients discarded, so the run that
@@ -278,7 +283,13 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     other networks' compiled graphs stay.
     """
     # shapes are fixed; a symbolic-shape recompile takes minutes
-    compiled = torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+    options = {"dynamic": False, "mode": None if mode == "default" else mode}
+    if regions is None:
+        compiled = torch.compile(module, **options)
+    else:
+        for region in regions:
+            region.compile(**options)
+        compiled = module
     t0 = time.time()
     reason = None
     try:
@@ -292,13 +303,15 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     finally:
         module.zero_grad(set_to_none=True)
     seconds = time.time() - t0
-    if not all_agree(reason is None, group) and reason is None:
-        reason = "the compile failed on another rank, so every rank runs eager"
-    outcome = {"network": name, "compiled": reason is None, "mode": mode, "seconds": round(seconds, 2),
-               "reason": reason}
+    reason = first_rank_failure(reason, group)  # a rank that runs compiled beside an eager one breaks DDP
+    scope = "whole" if regions is None else "regional"
+    outcome = {"network": name, "compiled": reason is None, "mode": mode, "scope": scope,
+               "seconds": round(seconds, 2), "reason": reason}
     if reason is None:
-        say(f"torch.compile ({mode}) of the {name}: compiled in {seconds:.1f} s")
+        say(f"torch.compile ({mode}, {scope}) of the {name}: compiled in {seconds:.1f} s")
         return compiled, outcome
+    for region in regions or []:
+        region._compiled_call_impl = None  # what nn.Module.compile set: the region runs eager again
     say(f"torch.compile of the {name} failed ({reason}); continuing eager (--compile False skips the attempt)")
     return module, outcome
 

@@ -27,10 +27,10 @@ from diffusion import GaussianDiffusion, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE, POSITIVE_LIST, Dist,
-                     Rule, RunLog, StopSignal, UserError, above, adamw, at_least, between, broadcast_object,
-                     check_flags, finite, int_list, one_of, resolve_fast_path, run_cli, seed_everything,
-                     setup_distributed, str2bool, teardown_distributed, unset_or)
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
+                     POSITIVE_LIST, Dist, Rule, RunLog, StopSignal, UserError, above, adamw, at_least, between,
+                     broadcast_object, check_flags, finite, int_list, one_of, resolve_fast_path, run_cli,
+                     seed_everything, setup_distributed, str2bool, teardown_distributed, unset_or)
 from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
@@ -67,7 +67,8 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "mode": one_of(*MODES), "dataset": one_of(*DATASETS), "fid_features": one_of("inception", "classifier"),
     "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
-    "compile_mode": COMPILE_MODE, "device": DEVICE, "dist_backend": DIST_BACKEND,
+    "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
+    "dist_backend": DIST_BACKEND,
     **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root", "tiny_imagenet_path",
                               "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
 }
@@ -240,7 +241,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     d = setup_distributed(args.device, args.dist_backend)
     resume = read_resume(args)
     validate(args)
-    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
+    fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode,
+                             args.compile_scope)
 
     # --- data: uint8 images on the training device when they take under a quarter of its free memory
     data, cfg = read_data(args, d.world)
@@ -470,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "as one graph (True/False; auto: on CUDA only)")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode: default, "
                    "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile_scope", default="whole", help="what --compile compiles for training: whole (the "
+                   "loss as one graph) or regional (each of the UNet's blocks; blocks of one shape share a graph)")
     p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--dist_backend", default="auto", help="torchrun's backend: auto (nccl on CUDA, gloo on CPU), "

@@ -62,8 +62,10 @@ def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: fl
     def probe(m: nn.Module) -> None:
         with loss.no_sync() if several else nullcontext():
             m(*example).backward()
+    net = models["net"]
+    regions = [*net.downblocks, net.middleblocks, *net.upblocks] if fast.compile_scope == "regional" else None
     compiled, outcome = compile_or_eager(loss, probe, device, say, fast.compile_mode, "loss",
-                                         d.control if several else None)
+                                         d.control if several else None, regions)
     return (compiled if outcome["compiled"] else wrap()), outcome
 
 

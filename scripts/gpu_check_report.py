@@ -1,8 +1,10 @@
 """Helpers of scripts/gpu_check.sh and gpu_tune.sh: a random-weight run dir to sample, the report of the whole
 check, and the table of the tuning sweep.
 
+    python scripts/gpu_check_report.py preflight WORK
+    python scripts/gpu_check_report.py compile-seconds WARMUP_LOG
     python scripts/gpu_check_report.py random-run WORK --modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32
-    python scripts/gpu_check_report.py report OUT_DIR WORK GENUM
+    python scripts/gpu_check_report.py report OUT_DIR WORK GENUM LOSS_MAX
     python scripts/gpu_check_report.py tune OUT_DIR
 """
 import argparse
@@ -22,11 +24,76 @@ from checkpoints import build_models  # noqa: E402
 from runtime import int_list  # noqa: E402
 
 
+ENTRY_POINTS = ("train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",
+                "experiment_report")
+
+
+def preflight(work: str) -> int:
+    """What the check needs, in one table (WORK/env.txt): torch >= 2.6, every entry point importable, a working
+    C++ compiler (inductor on CPU), triton and free memory on CUDA; pytorch-fid is optional. Non-zero if one fails."""
+    import importlib
+    import shutil
+    lines, failures = [], []
+    version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    lines.append(f"torch {torch.__version__} (cuda {torch.version.cuda})")
+    if version < (2, 6):
+        failures.append(f"torch {torch.__version__} is older than 2.6")
+    for name in ENTRY_POINTS:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # report every import that fails, not only the first
+            failures.append(f"import {name}: {type(e).__name__}: {e}")
+    lines.append(f"entry points importable: {', '.join(ENTRY_POINTS)}" if not any(
+        f.startswith("import") for f in failures) else "entry points: see failures")
+    try:
+        import pytorch_fid  # noqa: F401
+        lines.append("pytorch-fid: present (Inception FID)")
+    except ImportError:
+        lines.append("pytorch-fid: absent (the sample step scores proto-FID instead)")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    lines.append(f"C++ compiler: {cxx or 'none'}")
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        lines.append(f"{torch.cuda.get_device_name()}: {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free, "
+                     f"{torch.cuda.device_count()} device(s)")
+        if free < 20 * 2 ** 30:
+            failures.append(f"only {free / 2 ** 30:.1f} GiB free on the GPU (the check needs about 20)")
+        try:
+            import triton
+            lines.append(f"triton {triton.__version__}")
+        except ImportError:
+            failures.append("triton is missing: torch.compile cannot build CUDA kernels")
+    else:
+        lines.append("no CUDA device: tiny configs, CUDA tests skip")
+        if cxx is None:
+            failures.append("no C++ compiler: torch.compile cannot build CPU kernels")
+    lines += [f"FAIL {f}" for f in failures]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(work, "env.txt"), "w") as f:
+        f.write(text + "\n")
+    return 1 if failures else 0
+
+
+def bench_json(log: str) -> dict | None:
+    """The JSON line bench.py --json printed into a step's log, if any."""
+    lines = [line for line in read(log).splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def compile_seconds(warmup_log: str) -> str:
+    """The warm-up's compile time in whole seconds (its optimised row's compile_s; 120 when it has none, the
+    paper UNet's measured compile time on an H200)."""
+    b = bench_json(warmup_log)
+    rows = [r for k, r in (b or {}).get("rows", {}).items() if k.startswith("train step, optimised")]
+    return str(round(rows[0]["compile_s"])) if rows else "120"
+
+
 def random_run(work: str, flags: list[str]) -> None:
-    """WORK/random_run: a run dir holding a random-weight UNet (3 channels, 10 classes) as its epoch 0, plus
-    WORK/random_inception.pth, random weights in pytorch-fid's layout, so FID runs offline, and a random
-    prototype classifier. Sampling costs the same whatever the weights; reference statistics come from digits."""
-    from pytorch_fid import inception as pf_inception
+    """WORK/random_run: a run dir holding a random-weight UNet (3 channels, 10 classes) as its epoch 0, a random
+    prototype classifier, and, where pytorch-fid is installed, WORK/random_inception.pth (random weights in its
+    layout) so that FID runs offline. Sampling costs the same whatever the weights; reference statistics come from
+    digits."""
     p = argparse.ArgumentParser()
     for flag in ("--modch", "--numres", "--image_size"):
         p.add_argument(flag, type=int, required=True)
@@ -43,10 +110,15 @@ def random_run(work: str, flags: list[str]) -> None:
         json.dump(cfg, f, indent=2)
     weights = {"net": net.state_dict(), "cemblayer": cemb.state_dict()}
     torch.save(dict(weights, ema=weights, epoch=0), os.path.join(run, "checkpoints", "ckpt_0_checkpoint.pt"))
-    with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, sd, *a, **k: None):
-        inception = pf_inception.fid_inception_v3()
-    torch.save(inception.state_dict(), os.path.join(work, "random_inception.pth"))
+    try:
+        from pytorch_fid import inception as pf_inception
+    except ImportError:
+        pf_inception = None
+    if pf_inception is not None:
+        with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: None), \
+                mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, sd, *a, **k: None):
+            inception = pf_inception.fid_inception_v3()
+        torch.save(inception.state_dict(), os.path.join(work, "random_inception.pth"))
     from prototypes import FORMAT, PrototypeClassifier  # proto-FID features for the CPU plumbing check
     clf = PrototypeClassifier(10, cfg["cdim"])
     torch.save({"format": FORMAT, "prototypes": clf.prototypes, "classifier": clf.state_dict(),
@@ -78,7 +150,9 @@ def check_train(work: str, loss_max: float) -> dict:
     cfg = json.loads(read(os.path.join(run, "config.json")) or "{}")
     out = {"logged_steps": [r["step"] for r in steps], "losses": [round(r["loss"], 4) for r in steps],
            "img_per_s_last": steps[-1]["img_per_s"] if steps else None,
-           "compile_lines": re.findall(r"torch\.compile[^\n]*", log)}
+           "compile_lines": re.findall(r"torch\.compile[^\n]*", log),
+           "compiles": [r for r in records if r.get("event") == "compile"]}
+    losses = [r for r in out["compiles"] if r["network"] == "loss"]
     stop = re.search(r"stopped by --max_steps \d+ at step (\d+)", log)
     final = os.path.join(run, "checkpoints", f"ckpt_{cfg.get('epoch')}_checkpoint.pt")
     out["checks"] = {
@@ -88,6 +162,9 @@ def check_train(work: str, loss_max: float) -> dict:
         "final epoch checkpoint written": os.path.isfile(final),
         "losses finite": bool(steps) and all(math.isfinite(r["loss"]) for r in steps),
         f"last loss below {loss_max}": bool(steps) and steps[-1]["loss"] < loss_max,
+        "the loss compiled at the start and at the resume (2 ranks, DDP)": len(losses) == 2 and all(
+            r["compiled"] for r in losses),
+        "no compile fell back to eager": all(r["compiled"] for r in out["compiles"]),
     }
     return out
 
@@ -95,26 +172,38 @@ def check_train(work: str, loss_max: float) -> dict:
 def report(out_dir: str, work: str, genum: int, loss_max: float) -> int:
     steps = {}
     for line in read(os.path.join(work, "steps.tsv")).splitlines():
-        name, rc, seconds = line.split("\t")
-        steps[name] = {"rc": int(rc), "seconds": int(seconds)}
+        name, rc, seconds, limit = line.split("\t")
+        steps[name] = {"rc": int(rc), "seconds": int(seconds), "limit": int(limit)}
     rep = {"environment": read(os.path.join(work, "env.txt")).strip(), "date": time.strftime("%Y-%m-%d"),
            "commit": commit(), "steps": steps}
     tests_log = read(os.path.join(out_dir, "tests.log")) if "tests" in steps else ""
     rep["tests"] = {"summary": (re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped).*?)(?: in [\d.]+s)?\s*=*$",
                                            tests_log, re.M) or [""])[-1],
                     "per_image_seeds": (re.findall(r"per-image seeds on CUDA.*", tests_log) or [None])[-1]}
-    bench_lines = [line for line in read(os.path.join(out_dir, "bench.log")).splitlines()
-                   if line.startswith("{") and "bench" in steps]
-    rep["bench"] = json.loads(bench_lines[-1]) if bench_lines else None
+    rep["warmup"] = bench_json(os.path.join(out_dir, "warmup.log")) if "warmup" in steps else None
+    rep["bench"] = bench_json(os.path.join(out_dir, "bench.log")) if "bench" in steps else None
     if "train" in steps:
         rep["train"] = check_train(work, loss_max)
     fid = re.search(r"^((?:proto-)?FID ([^\s,]+).*?\((\d+) images.*)$", read(os.path.join(out_dir, "sample.log")), re.M)
     if "sample" in steps:
         wall = steps["sample"]["seconds"]
+        fids = [json.loads(line) for line in read(os.path.join(work, "random_run", "metrics.jsonl")).splitlines()]
         rep["sample"] = {"images": genum, "wall_s": wall, "fid_line": fid.group(1) if fid else None,
                          "fid": float(fid.group(2)) if fid else None, "counted": int(fid.group(3)) if fid else None,
-                         "extrapolated_50k_s": round(wall * 50000 / genum)}
-    failures = [f"step {n} exited {s['rc']}" for n, s in steps.items() if s["rc"] != 0]
+                         "extrapolated_50k_s": round(wall * 50000 / genum),
+                         "compile": fids[-1].get("compile") if fids else None}
+    failures = [f"step {n} exited {s['rc']}" + (" (its time limit)" if s["rc"] in (124, 137) else "")
+                for n, s in steps.items() if s["rc"] != 0]
+    # a compile that fell back to eager fails the check: the compiled path is what users run on a GPU
+    for name in ("warmup", "bench"):
+        b = rep[name] or {}
+        asked = b.get("config", {}).get("compile") == "True" or not b.get("device", "CPU").startswith("CPU")
+        for label, row in b.get("rows", {}).items():
+            if asked and ("optimised" in label or label.startswith("train.py loop")) and not row["compiled"]:
+                failures.append(f"{name}: '{label}' ran eager ({row.get('compile_error', 'compile off')})")
+    sample_compile = (rep.get("sample") or {}).get("compile")
+    if sample_compile is not None and not sample_compile["compiled"]:
+        failures.append(f"sample: the sampling network ran eager ({sample_compile['reason']})")
     failures += [f"train: {c}" for c, ok in rep.get("train", {}).get("checks", {}).items() if not ok]
     if "sample" in steps and not (fid and math.isfinite(rep["sample"]["fid"]) and rep["sample"]["counted"] == genum):
         failures.append(f"sample: no finite FID over {genum} images")
@@ -124,7 +213,12 @@ def report(out_dir: str, work: str, genum: int, loss_max: float) -> int:
         json.dump(rep, f, indent=1)
 
     lines = [rep["environment"], ""]
-    lines += [f"{n:<8} rc {s['rc']:>3}  {s['seconds']:>4} s" for n, s in steps.items()]
+    lines += [f"{n:<9} rc {s['rc']:>3}  {s['seconds']:>4} s (limit {s['limit']} s)" for n, s in steps.items()]
+    lines.append(f"{'total':<9}         {sum(s['seconds'] for s in steps.values()):>4} s")
+    if rep["warmup"]:
+        row = next(iter(rep["warmup"]["rows"].values()))
+        lines.append(f"warm-up compile of bench's training step: {row['compile_s']:.1f} s "
+                     f"({'compiled' if row.get('compiled') else 'EAGER: ' + str(row.get('compile_error'))})")
     if tests_log:
         lines += ["", f"tests: {rep['tests']['summary']}", f"  {rep['tests']['per_image_seeds'] or ''}"]
     if rep["bench"]:
@@ -221,7 +315,11 @@ def tune(out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "random-run":
+    if sys.argv[1] == "preflight":
+        sys.exit(preflight(sys.argv[2]))
+    elif sys.argv[1] == "compile-seconds":
+        print(compile_seconds(sys.argv[2]))
+    elif sys.argv[1] == "random-run":
         random_run(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "tune":
         sys.exit(tune(sys.argv[2]))

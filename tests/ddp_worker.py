@@ -3,7 +3,8 @@
 Faults for one rank only, set by environment variables:
 - BROKEN_COMPILER_RANK=r: on rank r, `g++` and `cc` are programs that fail (first in PATH) and inductor gets its own
   empty cache dir, so that rank's torch.compile cannot build a kernel while the other ranks' can.
-- INF_LOSS_RANK=r, INF_LOSS_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
+- INF_LOSS_RANK=r, FAULT_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
+- ERROR_RANK=r, FAULT_STEP=k: rank r raises a UserError at step k (the others go on into the next collective).
 Errors reach the user as train.py's do (runtime.run_cli).
 """
 import os
@@ -28,20 +29,20 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 import train_step  # noqa: E402
-from runtime import run_cli  # noqa: E402
+from runtime import UserError, run_cli  # noqa: E402
 
-if os.environ.get("INF_LOSS_RANK") == rank:
-    first_inf, real_call = int(os.environ["INF_LOSS_STEP"]), train_step.TrainStep.__call__
+if rank in (os.environ.get("INF_LOSS_RANK"), os.environ.get("ERROR_RANK")):
+    fault_step, real_call = int(os.environ["FAULT_STEP"]), train_step.TrainStep.__call__
     steps = [0]
 
-    def inf_from_step_k(self, *a):
+    def faulty(self, *a):
         steps[0] += 1
         loss = real_call(self, *a)
-        return loss * float("inf") if steps[0] >= first_inf else loss
+        if steps[0] >= fault_step and os.environ.get("ERROR_RANK") == rank:
+            raise UserError(f"injected failure on rank {rank} at step {steps[0]}")
+        return loss * float("inf") if steps[0] >= fault_step else loss
 
-    train_step.TrainStep.__call__ = inf_from_step_k
-
-
+    train_step.TrainStep.__call__ = faulty
 
 def main(args) -> None:
     modules = train.main(args)

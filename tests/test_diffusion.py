@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion import GaussianDiffusion, ddim_timesteps, drop_condition, linear_betas, randn
-from noise import ImageNoise, philox4x32
+from noise import ImageNoise, PhiloxNormals, philox4x32
 from unet import Unet
 
 T = 1000
@@ -198,3 +198,12 @@ def test_quadratic_ddim_skips_repeated_timesteps_and_matches_the_original_loop(d
             x = diff.ddim_step(x, tau[i], tau[i - 1] if i else -1, diff.guided_eps(net, x, t, c, 1.8), 0.0, None)
     # a step from t to t adds and removes sqrt(1 - abar_t) eps: exact up to fp32 rounding of x (|x| <~ 4)
     torch.testing.assert_close(out, x.clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_compiled_noise_draws_the_same_normals_as_the_eager_ops():
+    seeds = [0, 7, 2 ** 40 + 3]
+    eager = ImageNoise(seeds, "cpu").randn((3, 2, 5, 5), 2 ** 33 + 11)
+    compiled = ImageNoise(seeds, "cpu", torch.compile(PhiloxNormals(), dynamic=False)).randn((3, 2, 5, 5), 2 ** 33 + 11)
+    # one wrong bit of a Philox word moves a normal by far more than the float rounding of Box-Muller (~1e-7)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert not torch.equal(eager, ImageNoise(seeds, "cpu").randn((3, 2, 5, 5), 2 ** 33 + 12))

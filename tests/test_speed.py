@@ -136,11 +136,13 @@ def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(
     train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True",
                                                        "--run_dir", str(tmp_path / "fallback")]))
     out = capsys.readouterr().out
-    # one line for the training step, one for the sampling network of the grids, and a record of each
-    assert out.count("failed (RuntimeError: C compiler not found); continuing eager") == 2
+    # one line for the training step, one for the grids' noise and one for their sampling network, and a record
+    # of each
+    assert out.count("failed (RuntimeError: C compiler not found); continuing eager") == 3
     records = [json.loads(line) for line in open(tmp_path / "fallback" / "metrics.jsonl")]
     assert [(r["network"], r["compiled"], r["reason"]) for r in records if r["event"] == "compile"] == [
         ("loss", False, "RuntimeError: C compiler not found"),
+        ("per-image noise", False, "RuntimeError: C compiler not found"),
         ("sampling network", False, "RuntimeError: C compiler not found")]
     a, b = (torch.load(tmp_path / r / "checkpoints" / "ckpt_1_checkpoint.pt", weights_only=True)["net"]
             for r in ("eager", "fallback"))
@@ -152,7 +154,7 @@ def test_grids_and_periodic_fid_do_not_recompile(tmp_path, monkeypatch):
     graphs = []
 
     def counting(gm, example_inputs):
-        graphs.append(len(example_inputs))
+        graphs.append("network" if "conv2d" in str(gm.graph) else "noise")
         return gm.forward
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
@@ -164,5 +166,6 @@ def test_grids_and_periodic_fid_do_not_recompile(tmp_path, monkeypatch):
     once = len(graphs)
     torch._dynamo.reset()
     train.main(train.build_parser().parse_args(common + ["--epoch", "3", "--run_dir", str(tmp_path / "three")]))
-    # one graph for the training step, one for the sampling network of grids and FID; three epochs add none
-    assert once == 2 and len(graphs) == 2 * once
+    # one graph for the training step, then one for the noise of the sampler's batch and one for the sampling
+    # network of grids and FID; three epochs add none
+    assert graphs[:once] == ["network", "noise", "network"] and graphs[once:] == graphs[:once]
