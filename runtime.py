@@ -316,6 +316,32 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     return module, outcome
 
 
+def load_compile_cache(path: str, say: Callable[[str], None]) -> None:
+    """Fill this process's compile caches from a portable artifact file written by save_compile_cache (PyTorch's
+    "Mega-Cache"), so that a resume on another machine compiles warm; entries of another torch or device are
+    ignored by torch itself."""
+    if not os.path.isfile(path):
+        return
+    try:
+        info = torch.compiler.load_cache_artifacts(open(path, "rb").read())
+    except Exception as e:  # a cache is an optimisation: a bad one costs a cold compile, nothing more
+        say(f"compile cache {path} not used ({type(e).__name__}); compiling cold")
+        return
+    count = sum(len(v) for v in info.artifacts.values()) if info is not None else 0
+    say(f"compile cache: {count} artifact(s) from {path}")
+
+
+def save_compile_cache(path: str) -> None:
+    """Write every compile artifact of this process so far to `path` (atomically), for load_compile_cache."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(artifacts[0])
+    os.replace(tmp, path)
+
+
 def adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CUDA and CPU; 4x faster than the for-loop one for the paper's UNet on CPU)."""
     try:

@@ -29,8 +29,9 @@ from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_c
 from evaluate import Sampler, make_evaluator, sample_grid
 from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
                      POSITIVE_LIST, Dist, Rule, RunLog, StopSignal, UserError, above, adamw, at_least, between,
-                     broadcast_object, check_flags, finite, int_list, one_of, resolve_fast_path, run_cli,
-                     seed_everything, setup_distributed, str2bool, teardown_distributed, unset_or)
+                     broadcast_object, check_flags, finite, int_list, load_compile_cache, one_of, resolve_fast_path,
+                     run_cli, save_compile_cache, seed_everything, setup_distributed, str2bool, teardown_distributed,
+                     unset_or)
 from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
@@ -266,7 +267,11 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                        torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16))  # fp16 only
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
 
-    # --- the step: one DDP around both models, then compiled as one graph (a batch of the training shape proves it)
+    # --- the step: one DDP around both models, then compiled as one graph (a batch of the training shape proves it);
+    # compiles start warm from the run's own cache file when it has one (a resume on another machine)
+    compile_cache = os.path.join(run_dir, "compile_cache.bin")
+    if fast.compile:
+        load_compile_cache(compile_cache, log.line)
     probe = torch.arange(args.batchsize, device=images.device) % len(labels)
     loss, outcome = make_loss(models, diffusion, args.threshold, fast, d.device,
                               (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d)
@@ -328,6 +333,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
                 else f"--max_steps {args.max_steps}"
             path = save_checkpoint(run_dir, state, epoch, i + 1, len(batches), cfg, d.world, args.keep_last)
+            if fast.compile and d.is_main:
+                save_compile_cache(compile_cache)
             log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {path}; "
                      f"resume with: python train.py --path_resume {run_dir}")
             break
@@ -356,6 +363,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         if done % args.interval == 0 or last:
             path = save_checkpoint(run_dir, state, done, 0, len(batches), cfg, d.world, args.keep_last)
             log.line(f"checkpoint -> {path}")
+            if fast.compile and d.is_main:
+                save_compile_cache(compile_cache)
 
     # --- teardown
     stop.restore()

@@ -39,13 +39,15 @@ if [ "$CUDA" = 1 ]; then  # the paper's CIFAR10 UNet: mod_ch 64, ch_mul 1,2,4,4,
   BENCH="$PAPER --steps 10 --warmup 3 --loop_steps 40 --rows train_eager,train,loop"
   MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32"
   # a smaller UNet than the paper's for the run that stops and resumes: two ranks compile it at once
-  TRAIN="--modch 64 --chmul 1,2,2 --numres 1 --image_size 32 --batchsize 64 --epoch 10"
+  TRAIN="--modch 64 --chmul 1,2,2 --numres 1 --image_size 32 --batchsize 64 --epoch 10"; GRID_BATCH=40
   STOP=70  # 14 steps per epoch of 2 x 64: stop inside epoch 5, resume to step 140
   LOSS_MAX=0.15  # the paper's UNet reached 0.022 by step 280 at batch 128 on an H200 (docs/gpu.md); untrained ~1
   GENUM=${GENUM:-5000}; GENBATCH=1000; STEPS=50
 else
-  TINY="--modch 32 --chmul 1 --numres 1"  # the 2-rank compile test's model (tests/test_ddp.py), 8x8 digits
-  WARMUP="--inch 1 $TINY --image_size 8 --batchsize 64 --rows train --steps 1 --warmup 0 --compile True"
+  # the 2-rank compile test's model and grid (tests/test_ddp.py, 8x8 digits), so the suite's compiles are warm here
+  TINY="--modch 32 --chmul 1 --numres 1"; GRID_BATCH=10
+  # the warm-up's plumbing only: compiling costs a minute on a CPU, and the 2-rank step below compiles
+  WARMUP="--inch 1 $TINY --image_size 8 --batchsize 64 --rows train --steps 1 --warmup 0 --compile False"
   BENCH="--modch 32 --chmul 1,2 --numres 1 --image_size 16 --batchsize 8 --steps 2 --warmup 1 --sample_timed_steps 2
     --loop_steps 8 --rows train_eager,train,loop"
   MODEL="--modch 32 --chmul 1,2 --numres 1 --image_size 16"
@@ -95,7 +97,7 @@ esac
 case ",$ONLY," in *,train,*)
   # gloo lets the two ranks share one GPU (NCCL refuses two ranks on one device); on CPU it is the default
   step train $((60 + C)) $TORCHRUN --nproc_per_node=2 train.py --dataset digits $TRAIN --max_steps $STOP \
-    --run_dir "$WORK/run" --dist_backend gloo --compile True --ddim True --num_steps 20 --genbatch 40 \
+    --run_dir "$WORK/run" --dist_backend gloo --compile True --ddim True --num_steps 20 --genbatch $GRID_BATCH \
     --sample_every 5 --interval 5 --log_every 10 ${TRAIN_EXTRA:-}
   step resume $((40 + C / 2)) $TORCHRUN --nproc_per_node=2 train.py --path_resume "$WORK/run" --dist_backend gloo ;;
 esac

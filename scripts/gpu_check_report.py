@@ -268,14 +268,16 @@ def tune(out_dir: str) -> int:
     """One table of gpu_tune.sh's rows (from rows.tsv and each row's bench.py JSON) and tune.json with the best."""
     rows, bench = [], None
     for line in read(os.path.join(out_dir, "rows.tsv")).splitlines():
-        i, batch, mode, cl, status = line.split("\t")
-        row = {"batch": int(batch), "compile_mode": mode, "channels_last": cl == "True", "status": status}
+        i, batch, mode, cl, scope, status = line.split("\t")
+        row = {"batch": int(batch), "compile_mode": mode, "channels_last": cl == "True", "compile_scope": scope,
+               "status": status}
         lines = [x for x in read(os.path.join(out_dir, f"row_{i}.json")).splitlines() if x.startswith("{")]
         if lines:
             bench = json.loads(lines[-1])
             # a training row, or the sampling row that runs the compiled network (CFG as one 2B forward)
             label, r = next((k, v) for k, v in bench["rows"].items() if k.startswith("train step") or "one 2B" in k)
-            row.update(img_per_s=r["img_per_s"], compile_s=r["compile_s"], peak_mem_gb=r["peak_mem_gb"])
+            row.update(img_per_s=r["img_per_s"], compile_s=r["compile_s"], peak_mem_gb=r["peak_mem_gb"],
+                       compile_failed=bench["config"]["compile"] == "True" and not r["compiled"])
             flops = bench["train_flops_per_step"] if label.startswith("train") else None
             if flops:
                 row["tflops"] = flops / r["s_per_step"] / 1e12
@@ -297,15 +299,17 @@ def tune(out_dir: str) -> int:
 
     lines = [f"{rep['device']}, torch {rep['torch']}, {rep['date']}; bf16 matmul measured "
              f"{cell(rep, 'bf16_matmul_tflops', '.0f')} TFLOP/s, datasheet {cell(rep, 'bf16_peak_tflops', '.0f')}",
-             f"{'batch':>5} {'compile mode':<28} {'ch_last':<7} {'img/s':>9} {'TFLOP/s':>8} {'%matmul':>7} "
-             f"{'%sheet':>6} {'compile s':>9} {'mem GiB':>7}  status"]
+             f"{'batch':>5} {'compile mode':<28} {'scope':<8} {'ch_last':<7} {'img/s':>9} {'TFLOP/s':>8} "
+             f"{'%matmul':>7} {'%sheet':>6} {'compile s':>9} {'mem GiB':>7}  status"]
     for r in rows:
-        lines.append(f"{r['batch']:>5} {r['compile_mode']:<28} {str(r['channels_last']):<7} "
+        lines.append(f"{r['batch']:>5} {r['compile_mode']:<28} {r['compile_scope']:<8} {str(r['channels_last']):<7} "
                      f"{cell(r, 'img_per_s', '9.1f'):>9} {cell(r, 'tflops', '8.1f'):>8} "
                      f"{cell(r, 'pct_matmul', '7.1f'):>7} {cell(r, 'pct_datasheet', '6.1f'):>6} "
-                     f"{cell(r, 'compile_s', '9.1f'):>9} {cell(r, 'peak_mem_gb', '7.2f'):>7}  {r['status']}")
+                     f"{cell(r, 'compile_s', '9.1f'):>9} {cell(r, 'peak_mem_gb', '7.2f'):>7}  {r['status']}"
+                     + (" (ran eager: the compile failed)" if r.get("compile_failed") else ""))
     if best:
-        lines.append(f"fastest: batch {best['batch']}, {best['compile_mode']}, channels_last {best['channels_last']}: "
+        lines.append(f"fastest: batch {best['batch']}, {best['compile_mode']} ({best['compile_scope']}), "
+                     f"channels_last {best['channels_last']}: "
                      f"{best['img_per_s']:.1f} img/s")
     text = "\n".join(lines)
     print(text)

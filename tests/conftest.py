@@ -22,3 +22,10 @@ def run_env() -> dict:
     """Environment for subprocesses: the repo importable, no network-bound downloads, few threads."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory):
+    """One inductor cache for the suite's compiled subprocess runs: the first pays a cold compile, the rest of the
+    same graph reuse it (tests/test_ddp.py, scripts/gpu_check.sh's CPU run)."""
+    return str(tmp_path_factory.mktemp("inductor"))

@@ -96,3 +96,17 @@ def test_tiny_imagenet_path_is_the_root_or_the_originals_train_folder(tmp_path):
         assert test.labels.tolist() == [0, 1, 0, 1]
     with pytest.raises(DatasetError, match="looked for .*nowhere/train/ .*class folders in .*nowhere"):
         load_dataset("tiny-imagenet", "all", str(tmp_path / "data"), tiny_imagenet_path=str(tmp_path / "nowhere"))
+
+
+def test_staged_batches_gather_each_batch_into_a_few_reused_buffers():
+    from datasets import StagedBatches
+    images = torch.randint(256, (50, 1, 4, 4), dtype=torch.uint8)
+    staged = StagedBatches(images, 8, torch.device("cpu"), slots=3)
+    buffers = [b.data_ptr() for b in staged.buffers]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(50, generator=g)[:8] for _ in range(7)]
+    out = [staged(index) for index in batches]
+    for index, batch in zip(batches, out):  # each batch survives the buffer's reuse three steps later
+        assert torch.equal(batch, images[index])
+    assert [b.data_ptr() for b in staged.buffers] == buffers  # no buffer was reallocated
+    assert torch.equal(staged.buffers[6 % 3], images[batches[6]])  # the last batch went through slot 0
