@@ -2,7 +2,7 @@
 # Sweep train.py's own step (bench.py --rows train) on the paper's CIFAR10 UNet over batch size and compile scope,
 # within a time budget; prints one table (img/s, TFLOP/s against the measured bf16 matmul and the datasheet,
 # compile time, memory) and writes GPU_TUNE_OUT/tune.json plus one JSON per row.
-#   bash scripts/gpu_tune.sh                 # at most BUDGET=330 s of rows, then the table
+#   bash scripts/gpu_tune.sh                 # at most BUDGET=400 s of rows, then the table
 #   SWEEP=sample bash scripts/gpu_tune.sh    # the same for guided DDIM-50 sampling over --genbatch
 # Every configuration is its own graph, so each row pays one compile, cold unless gpu_check.sh (or an earlier
 # tune) compiled it into the same inductor cache (TORCHINDUCTOR_CACHE_DIR, shared with gpu_check.sh). The grid
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${GPU_TUNE_OUT:-results/gpu_tune}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-BUDGET=${BUDGET:-330}
+BUDGET=${BUDGET:-400}
 MIN_ROW=${MIN_ROW:-45}
 SWEEP=${SWEEP:-train}
 mkdir -p "$OUT"

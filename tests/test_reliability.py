@@ -234,3 +234,4 @@ def test_bench_json_is_a_plain_flag_and_prints_one_json_line():
     (line,) = r.stdout.strip().splitlines()
     report = json.loads(line)
     assert len(report["rows"]) == 6 and all(row["peak_mem_gb"] is None for row in report["rows"].values())  # CPU
+    assert all(row["compiled"] is False for row in report["rows"].values())  # compile is off on CPU by default
