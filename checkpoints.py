@@ -121,23 +121,43 @@ def run_models(run_dir: str, state: dict, weights: str = "raw") -> tuple[Unet, C
     return net, cemblayer, cfg
 
 
-def load_run(path: str, epoch: int, weights: str | None) -> tuple[Unet, ConditionalEmbedding, dict, str]:
-    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
+def saved_epochs(path: str) -> list[int]:
+    """The epochs a run dir holds checkpoints of (ckpt_{epoch}_checkpoint.pt), in order."""
+    return sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
+                  if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
+
+
+def epoch_state(path: str, epoch: int, weights: str | None) -> tuple[dict, str]:
+    """(checkpoint, weights to use) of a run dir's saved epoch; `weights` None means EMA when saved."""
     ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
     if not os.path.isdir(path):
         raise UserError(f"--path {path} is not a directory")
     if not os.path.isfile(ckpt_path):
-        found = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
-                       if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
         raise UserError(f"no checkpoint for epoch {epoch} in {path}/checkpoints; saved epochs: "
-                        f"{', '.join(map(str, found)) or 'none'}")
+                        f"{', '.join(map(str, saved_epochs(path))) or 'none'}")
     state = load_file(ckpt_path)
     if weights is None:
         weights = "ema" if "ema" in state else "raw"
     if weights == "ema" and "ema" not in state:
         raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none); use --weights raw")
+    return state, weights
+
+
+def load_run(path: str, epoch: int, weights: str | None) -> tuple[Unet, ConditionalEmbedding, dict, str]:
+    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
+    state, weights = epoch_state(path, epoch, weights)
     net, cemblayer, cfg = run_models(path, state, weights)
     return net.eval(), cemblayer.eval(), cfg, weights
+
+
+def load_epoch(net: Unet, cemblayer: ConditionalEmbedding, path: str, epoch: int, weights: str | None) -> dict:
+    """Copy a saved epoch's weights into the models in place (a compiled network keeps its graph); returns the
+    checkpoint's position: epoch, global_step (None for the original code's files) and the weights used."""
+    state, used = epoch_state(path, epoch, weights)
+    source = state["ema"] if used == "ema" else state
+    net.load_state_dict(source["net"])
+    cemblayer.load_state_dict(source["cemblayer"])
+    return {"epoch": epoch, "global_step": state.get("global_step"), "weights": used}
 
 
 @dataclass

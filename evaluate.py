@@ -12,7 +12,7 @@ import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -144,12 +144,38 @@ class PngWriter:
 
 @dataclass
 class Scoring:
-    """What the images are scored with: the feature extractor, its reference statistics, and a classifier."""
+    """What the images are scored with: the feature extractor, its reference statistics, and a classifier; the
+    extractor and the reference are made at the first evaluation and reused by every later one."""
     features: str  # inception (FID) or classifier (proto-FID)
     reference: str  # pytorch-fid .npz of the training set, computed and saved there when missing
     data_root: str
     classifier: nn.Module | None = None  # proto-FID features and class accuracy
     inception_weights: str | None = None
+    per_class: bool = False  # also each class's FID against that class's reference statistics
+    made: dict = field(default_factory=dict)  # the extractor and the reference, once made
+
+    def extractor(self, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+        """(uint8 images -> features, feature width), made once."""
+        if "extractor" not in self.made:
+            self.made["extractor"] = make_extractor(self.features, device, self.inception_weights, self.classifier)
+        return self.made["extractor"]
+
+    def reference_stats(self, cfg: dict, device: torch.device, rank: int, world: int) -> tuple:
+        """(mu, sigma) of the training set and, with per_class, each class's (None: under two images), made once."""
+        if "reference" not in self.made:
+            extract, dim = self.extractor(device)
+
+            def from_data(classes: int):
+                try:
+                    data = load_dataset(cfg["dataset"], "all", self.data_root, cfg["image_size"], False,
+                                        cfg.get("tiny_imagenet_path"))
+                except DatasetError as e:
+                    raise UserError(f"reference statistics {self.reference} are missing and the training set "
+                                    f"cannot be read: {e}") from None
+                return dataset_stats(data, extract, dim, device, rank, world, classes=classes)
+            self.made["reference"] = load_or_make_reference(self.reference, from_data, rank == 0,
+                                                            cfg["num_classes"] if self.per_class else 0)
+        return self.made["reference"]
 
 
 def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
@@ -201,10 +227,11 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
     """
     device = diffusion.device
     shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
+    classes = cfg["num_classes"]
     if scoring is not None:
-        extract, dim = make_extractor(scoring.features, device, scoring.inception_weights, scoring.classifier)
-        stats = FeatureStats(dim, device)
-    hits = torch.zeros(2, dtype=torch.float64, device=device)  # correctly classified, classified
+        extract, dim = scoring.extractor(device)
+        stats = FeatureStats(dim, device, classes if scoring.per_class else 1)
+    hits = torch.zeros(classes, 2, dtype=torch.float64, device=device)  # per class: correctly classified, classified
     kept = {}
     writer = PngWriter(out_dir) if out_dir is not None else None
     try:
@@ -215,12 +242,14 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
             kept.update({i: img for i, img in zip(chunk, u8) if i in keep})
             if scoring is None:
                 continue
-            stats.add(extract(u8))
+            chunk_labels = labels[chunk].to(device)
+            stats.add(extract(u8), chunk_labels)
             if scoring.classifier is not None:
                 with torch.inference_mode():
                     _, logits = scoring.classifier(to_float(u8.to(device)))
-                correct = (logits.argmax(1).cpu() == labels[chunk]).sum()
-                hits += torch.stack([correct.double(), torch.tensor(float(len(chunk)), dtype=torch.float64)]).to(device)
+                both = torch.stack([(logits.argmax(1) == chunk_labels).double(), torch.ones_like(chunk_labels,
+                                                                                               dtype=torch.float64)], 1)
+                hits.index_add_(0, chunk_labels, both)
     finally:
         if writer is not None:
             writer.close()
@@ -229,22 +258,28 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
     stats.all_reduce()
     if world > 1:
         dist.all_reduce(hits)
-
-    def reference():
-        try:
-            data = load_dataset(cfg["dataset"], "all", scoring.data_root, cfg["image_size"], False,
-                                cfg.get("tiny_imagenet_path"))
-        except DatasetError as e:
-            raise UserError(f"reference statistics {scoring.reference} are missing and the training set cannot be "
-                            f"read: {e}") from None
-        return dataset_stats(data, extract, dim, device, rank, world)
-
-    mu_ref, sigma_ref = load_or_make_reference(scoring.reference, reference, rank == 0)
-    mu, sigma = stats.mu_sigma()
-    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": stats.n, "kept": kept}
+    (mu_ref, sigma_ref), class_refs = scoring.reference_stats(cfg, device, rank, world)
+    result = {"fid": frechet_distance(*stats.mu_sigma(), mu_ref, sigma_ref), "n": stats.n, "kept": kept}
     if scoring.classifier is not None:
-        result["class_accuracy"] = (hits[0] / hits[1]).item()
+        result["class_accuracy"] = (hits[:, 0].sum() / hits[:, 1].sum()).item()
+    if scoring.per_class:
+        result["per_class"] = per_class_figures(stats, class_refs, hits if scoring.classifier is not None else None)
     return result
+
+
+def per_class_figures(stats: FeatureStats, class_refs: list, hits: torch.Tensor | None) -> dict:
+    """Each class's image count, FID against its own reference (None: under two images on either side, or a
+    covariance product with no real square root) and, with a classifier, class accuracy."""
+    fids = []
+    for c, ref in enumerate(class_refs):
+        try:
+            fids.append(frechet_distance(*stats.mu_sigma(c), *ref) if ref is not None else None)
+        except UserError:
+            fids.append(None)
+    out = {"n": [int(x) for x in stats.count.tolist()], "fid": fids}
+    if hits is not None:
+        out["class_accuracy"] = [(h[0] / h[1]).item() if h[1] > 0 else None for h in hits]
+    return out
 
 
 def few_images_warning(n: int, width: int) -> str | None:
@@ -262,7 +297,7 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
     path = args.eval_classifier or args.path_proto
     classifier = classifier_for(path).to(d.device) if path else None
     scoring = Scoring(args.fid_features, reference_path(cfg, args.fid_features, args.data_root, path), args.data_root,
-                      classifier)
+                      classifier, per_class=args.per_class)
     labels = image_labels(args.fid_num, cfg["num_classes"], "range", args.seed)
     warning = few_images_warning(args.fid_num, feature_width(args.fid_features, classifier))
     if warning:
@@ -275,8 +310,7 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
                "weights": "ema", "reference": os.path.abspath(scoring.reference),
                "features": args.fid_features if args.fid_features == "inception"
                else f"classifier {os.path.abspath(path)}"}
-        if "class_accuracy" in r:
-            out["class_accuracy"] = r["class_accuracy"]
+        out.update({k: r[k] for k in ("class_accuracy", "per_class") if k in r})
         return out
     return run
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime import ANY, Rule, UserError, check_flags, run_cli  # noqa: E402
+from runtime import ANY, Rule, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
 
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
 
@@ -35,19 +35,30 @@ def arm_of(cfg: dict, with_file: bool) -> str:
     return name
 
 
-def collect(run_dirs: list[str]) -> dict:
-    """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}."""
+def point(record: dict, class_index: int | None) -> tuple[float, float, int]:
+    """(proto-FID, class accuracy, epoch) of a `fid` record, or of its class `class_index`'s per-class figures."""
+    if class_index is None:
+        return record["value"], record.get("class_accuracy", float("nan")), record["epoch"]
+    figures = record["per_class"]
+    accuracy = figures.get("class_accuracy", [None] * len(figures["fid"]))[class_index]
+    return tuple(float("nan") if v is None else v for v in (figures["fid"][class_index], accuracy)) + (record["epoch"],)
+
+
+def collect(run_dirs: list[str], class_index: int | None = None) -> dict:
+    """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}, of one class with class_index."""
     found = []
     for run in run_dirs:
         cfg_path, metrics = os.path.join(run, "config.json"), os.path.join(run, "metrics.jsonl")
         if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
             raise UserError(f"{run} is not a finished run dir (config.json and metrics.jsonl)")
-        points = {r["step"]: (r["value"], r.get("class_accuracy", float("nan")), r["epoch"])
-                  for r in map(json.loads, open(metrics)) if r.get("event") == "fid"}
+        points = {r["step"]: point(r, class_index) for r in map(json.loads, open(metrics))
+                  if r.get("event") == "fid" and r.get("step") is not None
+                  and (class_index is None or "per_class" in r)}
         if points:
             found.append((json.load(open(cfg_path)), points))
     if not found:
-        raise UserError("no FID records found in the given runs")
+        raise UserError("no FID records found in the given runs" + ("" if class_index is None else
+                        " with per-class figures (--per_class True)"))
     with_file = len({cfg.get("path_proto") for cfg, _ in found if cfg["mode"] != "regular"}) > 1
     runs = defaultdict(dict)
     for cfg, points in found:
@@ -73,6 +84,7 @@ def mean_sd(values: np.ndarray) -> tuple[float, float]:
 
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    "class_index": unset_or(at_least(0), "all classes together"),
     "thresholds": Rule(lambda v: len(v) > 0 and all(0 <= x <= 1 for x in v), "class accuracies in [0, 1]", "2"),
     **{flag: ANY for flag in ("runs", "out", "baseline", "title")},  # run dirs and the arm are checked when read
 }
@@ -100,7 +112,7 @@ def paired(runs: dict, arms: list[str], base: str, steps: list[int]) -> tuple[li
 
 def main(args: argparse.Namespace) -> None:
     check_flags(args, FLAG_RULES)
-    runs = collect(args.runs)
+    runs = collect(args.runs, args.class_index)
     arms = order(runs)
     for base in args.baseline:
         if base not in runs and base != "regular":  # without the default arm the report simply has no paired table
@@ -176,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/experiment", help="folder for table.md and curves.png")
     p.add_argument("--baseline", nargs="+", default=["regular"], help="the arm(s) the paired differences are taken "
                    "to, one table and one row of plots each, e.g. regular 'random_scaled @ norm default'")
+    p.add_argument("--class_index", type=int, default=None, help="report this class's per-class proto-FID and "
+                   "class accuracy (records written with --per_class True) instead of all classes together")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.65],
                    help="class accuracies for the steps-to-threshold table")
     p.add_argument("--title", default="digits: mean over seeds (top), paired differences to each baseline (below)",

@@ -85,33 +85,50 @@ def make_extractor(kind: str, device: torch.device, inception_weights: str | Non
 
 
 class FeatureStats:
-    """Running count, sum and sum of outer products of features, in float64, summable across ranks."""
+    """Running count, sum and sum of outer products of features, per class (one class unless asked), in float64,
+    summable across ranks."""
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
-        self.n = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    def __init__(self, dim: int, device: torch.device | str = "cpu", classes: int = 1):
+        self.count = torch.zeros(classes, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(classes, dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(classes, dim, dim, dtype=torch.float64, device=device)
 
-    def add(self, feats: torch.Tensor) -> None:
+    @property
+    def n(self) -> int:
+        """Features added, all classes together."""
+        return int(self.count.sum().item())
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add features [B, F]; `labels` [B] says each row's class (needed with several classes)."""
         f = feats.double().to(self.sum.device)
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
+        if len(self.count) == 1:
+            self.count += f.shape[0]
+            self.sum[0] += f.sum(0)
+            self.outer[0] += f.T @ f
+            return
+        labels = labels.to(self.sum.device)
+        self.count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        self.sum.index_add_(0, labels, f)
+        for c in labels.unique().tolist():
+            fc = f[labels == c]
+            self.outer[c] += fc.T @ fc
 
     def all_reduce(self) -> None:
         """Sum the statistics of every rank."""
         if dist.is_initialized():
-            n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
-            for t in (n, self.sum, self.outer):
+            for t in (self.count, self.sum, self.outer):
                 dist.all_reduce(t)
-            self.n = int(n.item())
 
-    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance, as np.mean / np.cov(rowvar=False) would give."""
-        if self.n < 2:
-            raise UserError(f"FID needs at least 2 images, got {self.n}")
-        mu = self.sum / self.n
-        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+    def mu_sigma(self, c: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance of class c (None: all classes together), as np.mean / np.cov(rowvar=False)
+        would give."""
+        n, total, outer = ((self.count.sum(), self.sum.sum(0), self.outer.sum(0)) if c is None
+                           else (self.count[c], self.sum[c], self.outer[c]))
+        n = int(n.item())
+        if n < 2:
+            raise UserError(f"FID needs at least 2 images{'' if c is None else f' of class {c}'}, got {n}")
+        mu = total / n
+        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
@@ -137,28 +154,58 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def dataset_stats(data: ImageData, extract: Extractor, dim: int, device: torch.device, rank: int = 0,
-                  world: int = 1, batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """mu, sigma of a dataset's features; ranks take interleaved batches and sum their statistics."""
-    stats = FeatureStats(dim, device)
+                  world: int = 1, batch: int = 100, classes: int = 1) -> FeatureStats:
+    """Feature statistics of a dataset (per class with classes > 1); ranks take interleaved batches and sum."""
+    stats = FeatureStats(dim, device, classes)
     for i in range(rank * batch, len(data.labels), batch * world):
-        stats.add(extract(data.images[i:i + batch]))
+        stats.add(extract(data.images[i:i + batch]), data.labels[i:i + batch] if classes > 1 else None)
     stats.all_reduce()
-    return stats.mu_sigma()
+    return stats
 
 
-def load_or_make_reference(path: str, make: Callable[[], tuple[np.ndarray, np.ndarray]],
-                           is_main: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Reference mu, sigma from a pytorch-fid .npz, computed with `make` (all ranks) and saved once if missing."""
-    if os.path.isfile(path):
-        try:
-            with np.load(path) as f:
-                return f["mu"], f["sigma"]
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"reference statistics {path} are unreadable ({e}); delete the file to recompute") from None
-    mu, sigma = make()
+def read_npz(path: str, keys: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
+    """The arrays `keys` of a cached .npz, None when the file does not exist; an unreadable file is one error."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as f:
+            return tuple(f[k] for k in keys)
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"reference statistics {path} are unreadable ({e}); delete the file to recompute") from None
+
+
+def write_npz(path: str, **arrays: np.ndarray) -> None:
+    """Save arrays atomically (a temporary file in the same folder, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def class_reference_path(path: str) -> str:
+    """Where the per-class statistics sit beside the all-class file `path`."""
+    return path[:-4] + "_per_class.npz" if path.endswith(".npz") else path + "_per_class.npz"
+
+
+def load_or_make_reference(path: str, make: Callable[[int], FeatureStats], is_main: bool,
+                           classes: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], list | None]:
+    """Reference (mu, sigma) from a pytorch-fid .npz and, with classes > 0, each class's (mu, sigma) from the file
+    beside it; what is missing is computed with `make(classes)` (all ranks, one pass over the data) and saved once.
+    A class with fewer than two images gets None."""
+    whole = read_npz(path, ("mu", "sigma"))
+    per_class = read_npz(class_reference_path(path), ("mu", "sigma", "n")) if classes else None
+    if whole is not None and (not classes or per_class is not None):
+        return whole, None if per_class is None else [
+            (per_class[0][c], per_class[1][c]) if per_class[2][c] >= 2 else None for c in range(classes)]
+    stats = make(max(classes, 1))
+    whole = stats.mu_sigma()
+    counts = stats.count.cpu().numpy()
+    per_class = [stats.mu_sigma(c) if counts[c] >= 2 else None for c in range(classes)] if classes else None
     if is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez_compressed(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    return mu, sigma
+        write_npz(path, mu=whole[0], sigma=whole[1])
+        if classes:
+            dim = whole[0].shape[0]
+            write_npz(class_reference_path(path), n=counts,
+                      mu=np.stack([p[0] if p else np.full(dim, np.nan) for p in per_class]),
+                      sigma=np.stack([p[1] if p else np.full((dim, dim), np.nan) for p in per_class]))
+    return whole, per_class

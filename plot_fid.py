@@ -11,11 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from runtime import ANY, UserError, check_flags, run_cli  # noqa: E402
+from runtime import ANY, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
 
 
-def fid_curve(run_dir: str) -> tuple[str, str, list[int], list[float]]:
-    """(label, metric name, epochs, values) of one run; the label is its mode and folder name."""
+def fid_curve(run_dir: str, class_index: int | None = None) -> tuple[str, str, list[int], list[float]]:
+    """(label, metric name, epochs, values) of one run, or of one class's per-class figures; the label is its mode
+    and folder name."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} has no metrics.jsonl")
@@ -26,16 +27,26 @@ def fid_curve(run_dir: str) -> tuple[str, str, list[int], list[float]]:
     cfg_path = os.path.join(run_dir, "config.json")
     mode = json.load(open(cfg_path)).get("mode", "?") if os.path.isfile(cfg_path) else "original"
     epochs = sorted(last)
-    return f"{mode} ({os.path.basename(os.path.normpath(run_dir))})", rows[-1]["metric"], epochs, \
-        [last[e]["value"] for e in epochs]
+    label = f"{mode} ({os.path.basename(os.path.normpath(run_dir))})"
+    if class_index is None:
+        return label, rows[-1]["metric"], epochs, [last[e]["value"] for e in epochs]
+    epochs = [e for e in epochs if "per_class" in last[e]]
+    if not epochs:
+        raise UserError(f"{path} holds no per-class figures (sample.py or train.py with --per_class True)")
+    if class_index >= len(last[epochs[0]]["per_class"]["fid"]):
+        raise UserError(f"--class_index {class_index} is not a class of {run_dir}")
+    values = [last[e]["per_class"]["fid"][class_index] for e in epochs]
+    return label, f"{rows[-1]['metric']} of class {class_index}", epochs, [float("nan") if v is None else v
+                                                                            for v in values]
 
 
-FLAG_RULES = {flag: ANY for flag in ("runs", "out", "title")}  # run dirs are checked as they are read
+FLAG_RULES = {**{flag: ANY for flag in ("runs", "out", "title")},  # run dirs are checked as they are read
+              "class_index": unset_or(at_least(0), "every class together")}
 
 
 def main(args: argparse.Namespace) -> None:
     check_flags(args, FLAG_RULES)
-    curves = [fid_curve(r) for r in args.runs]
+    curves = [fid_curve(r, args.class_index) for r in args.runs]
     metrics = {c[1] for c in curves}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, _, epochs, values in curves:
@@ -55,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run dirs with metrics.jsonl")
     p.add_argument("--out", default="fid_vs_epoch.png", help="PNG to write")
     p.add_argument("--title", default="FID vs epoch", help="plot title")
+    p.add_argument("--class_index", type=int, default=None, help="plot this class's per-class FID (records written "
+                   "with --per_class True) instead of the all-class FID")
     return p
 
 

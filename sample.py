@@ -2,6 +2,7 @@
 
     python sample.py --path RUN --epoch E --ddim True --genum 100 --genbatch 100 --fid True
     torchrun --standalone --nproc_per_node=gpu sample.py --path RUN --epoch E --ddim True --genum 50000 --fid True
+    python sample.py --path RUN --epoch all --ddim True --genum 10000 --fid True --per_class True   # an FID curve
 Image i's noise comes from seed `--seed + i` alone and, for `--label range`, its class is i mod clsnum, so the PNGs
 do not depend on `--genbatch` or on the number of processes. Each rank writes its own PNGs;
 only feature statistics travel between ranks. RUN may be a run dir of this code (config.json) or of the
@@ -15,30 +16,65 @@ import os
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_run
+from checkpoints import load_epoch, load_run, saved_epochs
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
 from evaluate import Sampler, Scoring, classifier_for, evaluate, few_images_warning, image_labels, reference_path
 from fid import FEATURES, feature_width
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, RunLog, UserError, at_least, check_flags, finite, one_of,
-                     resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed, unset_or)
+from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, RunLog, UserError, at_least, check_flags,
+                     finite, one_of, resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed,
+                     unset_or)
 
 
+def parse_epochs(spec: str) -> list[int] | None:
+    """--epoch's value as a list of epochs, None for `all`; ValueError when it is neither."""
+    if str(spec).strip().lower() == "all":
+        return None
+    epochs = [int(p) for p in str(spec).replace(",", " ").split()]
+    if not epochs or len(set(epochs)) != len(epochs) or min(epochs) < 0:
+        raise ValueError(spec)
+    return epochs
+
+
+def _epochs_ok(spec: str) -> bool:
+    try:
+        parse_epochs(spec)
+        return True
+    except ValueError:
+        return False
+
+
+EPOCHS = Rule(_epochs_ok, "a saved epoch, a comma list of distinct ones (50,100,150) or all", "1,x")
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
-    **{flag: at_least(0) for flag in ("epoch", "eta", "seed")},
+    **{flag: at_least(0) for flag in ("eta", "seed")},
     **{flag: at_least(1) for flag in ("genum", "genbatch")},
+    "epoch": EPOCHS,
     "num_steps": at_least(2),  # and at most the run's T, checked with it
     "clsnum": unset_or(at_least(1), "all of the run's classes"), "w": unset_or(finite(), "the run's --w"),
     "weights": unset_or(one_of("ema", "raw"), "ema when the checkpoint has it"),
     "select": one_of("linear", "quadratic"), "label": one_of("range", "random"), "fid_features": one_of(*FEATURES),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
-    "device": DEVICE,
+    "device": DEVICE, "png": AUTO_OR_BOOL,
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank")},
+                              "data_root", "out", "local_rank", "per_class")},
 }
 
 
+def resolve_epochs(path: str, spec: str) -> list[int]:
+    """The saved epochs --epoch names, each one checked against the run's checkpoints before anything is sampled."""
+    if not os.path.isdir(path):
+        raise UserError(f"--path {path} is not a directory")
+    saved = saved_epochs(path)
+    epochs = parse_epochs(spec) or saved
+    missing = [e for e in epochs if e not in saved]
+    if missing or not epochs:
+        raise UserError(f"no checkpoint for epoch {missing[0] if missing else spec} in {path}/checkpoints; saved "
+                        f"epochs: {', '.join(map(str, saved)) or 'none'}")
+    return epochs
+
+
 def main(args: argparse.Namespace) -> None:
+    """Sample (and score) every epoch --epoch names with one network, compiled once, and one scorer."""
     check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
     clf_path = args.eval_classifier or args.path_proto
@@ -47,7 +83,8 @@ def main(args: argparse.Namespace) -> None:
                         "checkpoint)")
     if not args.path:
         raise UserError("--path (a run dir) is required")
-    net, cemblayer, cfg, weights = load_run(args.path, args.epoch, args.weights)
+    epochs = resolve_epochs(args.path, args.epoch)
+    net, cemblayer, cfg, _ = load_run(args.path, epochs[0], args.weights)  # the architecture; weights per epoch
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
@@ -61,70 +98,93 @@ def main(args: argparse.Namespace) -> None:
     n = args.genum
     if args.label == "range" and n % clsnum:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
-    out_dir = args.out or os.path.join(args.path, f"samples_{args.epoch}")
-    if d.is_main and os.path.isdir(out_dir) and glob.glob(os.path.join(out_dir, "*.png")):
-        raise UserError(f"{out_dir} already holds PNGs; pass another --out (nothing was overwritten)")
-    if d.world > 1:
-        dist.barrier()  # nobody writes before rank 0 has checked the folder
-    os.makedirs(out_dir, exist_ok=True)
+    if args.fid and n < 2:
+        raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
+    # one epoch: PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with --png True,
+    # in OUT/samples_E (default RUN/samples_E)
+    several = len(epochs) > 1
+    write_png = not several if str(args.png).lower() == "auto" else str2bool(args.png)
+    base = {e: args.out if args.out and not several else os.path.join(args.out or args.path, f"samples_{e}")
+            for e in epochs}
+    if write_png:
+        taken = [base[e] for e in epochs if os.path.isdir(base[e]) and glob.glob(os.path.join(base[e], "*.png"))]
+        if d.is_main and taken:
+            raise UserError(f"{taken[0]} already holds PNGs; pass another --out (nothing was overwritten)")
+        if d.world > 1:
+            dist.barrier()  # nobody writes before rank 0 has checked the folders
+        for e in epochs:
+            os.makedirs(base[e], exist_ok=True)
+    elif args.out:
+        os.makedirs(args.out, exist_ok=True)  # the grids' folder
     classifier = classifier_for(clf_path).to(d.device) if clf_path else None
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
     sampler = Sampler.from_args(args, w=w, fast=fast)
     say = RunLog(None, d.is_main).line  # rank 0 prints
-    say(f"sampling {n} images of {args.path} epoch {args.epoch} ({weights} weights) with "
-        f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
-    if args.fid and n < 2:
-        raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
     if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
         say(warning)
-    outcomes = []  # the compile's outcome, once the first batch has compiled the network
+    outcomes = []  # the compiles' outcomes, once the first batch has compiled the noise and the network
     sampling_net = sampler.prepare(net, (cfg["inch"], cfg["image_size"], cfg["image_size"]), cfg["cdim"], d.device,
                                    say, outcomes.append)
     labels = image_labels(n, clsnum, args.label, args.seed)
     per_class = min(10, n // clsnum) if args.label == "range" else 10
     rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
     grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
-    scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights) if args.fid else None
-    result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, out_dir,
-                      keep=frozenset(grid_indices), progress=d.is_main)
-    kept = result["kept"]
-    if d.world > 1:  # the grid's few images, from whichever rank drew them
-        shares = [None] * d.world
-        dist.all_gather_object(shares, kept)
-        kept = {i: img for share in shares for i, img in share.items()}
-    if d.is_main:
-        grid_path = out_dir.rstrip("/") + "_grid.png"
-        if grid_indices:
-            save_grid(torch.stack([kept[i] for i in grid_indices]), per_class, grid_path)
-            print(f"{n} PNGs -> {out_dir}/, class grid -> {grid_path}", flush=True)
-        if args.fid:
-            name = "FID" if args.fid_features == "inception" else "proto-FID"
-            record = {"event": "fid", "epoch": args.epoch, "metric": name, "value": result["fid"], "n": result["n"],
-                      "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(diffusion.T),
-                      "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
-                      "weights": weights, "label": args.label, "seed": args.seed, "reference": os.path.abspath(ref),
-                      "features": args.fid_features if args.fid_features == "inception" else
-                      f"classifier {os.path.abspath(clf_path)}"}
-            if "class_accuracy" in result:
-                record["class_accuracy"] = result["class_accuracy"]
-            if outcomes:
-                record["compile"] = outcomes[0]
-            line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
-                                                   if "class_accuracy" in result else "")
-            print(f"{line} ({result['n']} images, {sampler.name(diffusion.T)}, w {w}, {weights} weights, reference "
-                  f"{ref})", flush=True)
-            with open(os.path.join(args.path, f"fid_{args.epoch}.txt"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            with open(os.path.join(args.path, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights,
+                      args.per_class) if args.fid else None
+    for epoch in epochs:
+        position = load_epoch(net, cemblayer, args.path, epoch, args.weights)
+        say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
+            f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
+        result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
+                          base[epoch] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main)
+        kept = result["kept"]
+        if d.world > 1:  # the grid's few images, from whichever rank drew them
+            shares = [None] * d.world
+            dist.all_gather_object(shares, kept)
+            kept = {i: img for share in shares for i, img in share.items()}
+        if d.is_main:
+            write_outputs(args, result, kept, grid_indices, per_class, base[epoch], write_png, position, sampler,
+                          diffusion.T, w, ref, clf_path, outcomes)
     teardown_distributed()
+
+
+def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indices: list[int], per_class: int,
+                  base: str, write_png: bool, position: dict, sampler: Sampler, T: int, w: float, ref: str,
+                  clf_path: str | None, outcomes: list[dict]) -> None:
+    """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl."""
+    epoch = position["epoch"]
+    grid_path = base.rstrip("/") + "_grid.png"
+    if grid_indices:
+        save_grid(torch.stack([kept[i] for i in grid_indices]), per_class, grid_path)
+        print((f"{args.genum} PNGs -> {base}/, " if write_png else "") + f"class grid -> {grid_path}", flush=True)
+    if not args.fid:
+        return
+    name = "FID" if args.fid_features == "inception" else "proto-FID"
+    record = {"event": "fid", "epoch": epoch, "step": position["global_step"], "metric": name, "value": result["fid"],
+              "n": result["n"], "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(T),
+              "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
+              "weights": position["weights"], "label": args.label, "seed": args.seed,
+              "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
+              else f"classifier {os.path.abspath(clf_path)}"}
+    record.update({k: result[k] for k in ("class_accuracy", "per_class") if k in result})
+    if outcomes:
+        record["compile"] = outcomes
+    line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
+                                           if "class_accuracy" in result else "")
+    print(f"epoch {epoch}: {line} ({result['n']} images, {sampler.name(T)}, w {w}, {position['weights']} weights, "
+          f"reference {ref})", flush=True)
+    for path in (os.path.join(args.path, f"fid_{epoch}.txt"), os.path.join(args.path, "metrics.jsonl")):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images from a trained run and measure FID.")
     p.add_argument("--path", default=None, help="run dir (this code's config.json or the original's params.txt)")
-    p.add_argument("--epoch", type=int, default=1000, help="which saved epoch to load")
+    p.add_argument("--epoch", default="1000", help="the saved epoch to sample, a comma list of them (50,100,150) or "
+                   "all: the network is built and compiled once, each epoch's weights are loaded into it, and each "
+                   "epoch gets its own FID record")
     p.add_argument("--ddim", type=str2bool, default=False, help="DDIM instead of T-step ancestral DDPM")
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -147,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default=None, help="datasets folder for reference statistics (default: the run's)")
     p.add_argument("--weights", default=None, help="ema or raw (default: ema when the checkpoint has it)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--out", default=None, help="PNG folder (default PATH/samples_EPOCH)")
+    p.add_argument("--out", default=None, help="PNG folder (default PATH/samples_EPOCH); with several epochs the "
+                   "folder that holds a samples_EPOCH folder and grid per epoch")
+    p.add_argument("--png", default="auto", help="write every image as a PNG (True/False; auto: for one epoch only, "
+                   "since a curve over many epochs needs the numbers)")
+    p.add_argument("--per_class", type=str2bool, default=False, help="with --fid, also each class's FID (its samples "
+                   "against its own reference statistics, cached beside the all-class file) and class accuracy")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
     p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
                    "CUDA, none on CPU); features for FID are always computed in fp32")

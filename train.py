@@ -70,7 +70,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
     "dist_backend": DIST_BACKEND,
-    **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root", "tiny_imagenet_path",
+    **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root", "tiny_imagenet_path",
                               "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
 }
 
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_every", type=int, default=0, help="measure FID (or proto-FID) of the EMA weights every this "
                    "many epochs and at the end, into metrics.jsonl (0: never)")
     p.add_argument("--fid_num", type=int, default=500, help="images per periodic FID (balanced classes, fixed seeds)")
+    p.add_argument("--per_class", type=str2bool, default=False, help="periodic FID records also give each class's "
+                   "FID (its samples against its own reference statistics) and class accuracy")
     p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
     p.add_argument("--eval_classifier", default=None, help="classifier for proto-FID and class accuracy "
                    "(default: --path_proto)")

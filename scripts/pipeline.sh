@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The full pipeline for one dataset on every GPU of this machine (or NGPU of them):
 # prototype classifier -> regular, proto_frozen, proto_unfrozen and the two controls (same seed, same budget)
-# -> FID of every saved epoch -> one FID-vs-epoch plot. Called by cifar10.sh, stl10.sh and tiny_imagenet.sh,
-# which set the dataset's defaults; every setting below can be overridden from the environment.
+# -> FID of every saved epoch (one sample.py process per arm) -> one FID-vs-epoch plot. Called by cifar10.sh,
+# stl10.sh and tiny_imagenet.sh, which set the dataset's defaults; every setting below can be overridden from the
+# environment.
 # `--dry-run` prints the exact commands without running them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +21,7 @@ CHMUL=${CHMUL:-1,2,4,4}
 LR=${LR:-2e-4}
 SEED=${SEED:-0}
 GENUM=${GENUM:-10000}             # images per FID
+PER_CLASS=${PER_CLASS:-False}     # True: also each class's FID (GENUM / classes images each; a 2048-d sqrtm per class)
 CLS_EPOCHS=${CLS_EPOCHS:-30}
 MODES=${MODES:-"regular proto_frozen proto_unfrozen random_scaled proto_shuffled"}
 DATA_ROOT=${DATA_ROOT:-datasets}
@@ -37,9 +39,8 @@ run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_
 run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $((SEED + 1)) --out $OUT/eval_classifier.pt $EXTRA"
 for mode in $MODES; do
   run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode $EXTRA"
-  for ((epoch = INTERVAL; epoch <= EPOCHS; epoch += INTERVAL)); do
-    run "$RUN sample.py --path $OUT/runs/$mode --epoch $epoch --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --data_root $DATA_ROOT --out $OUT/runs/$mode/samples_$epoch"
-  done
+  # every saved epoch in one process: the network compiles once, Inception and the reference load once
+  run "$RUN sample.py --path $OUT/runs/$mode --epoch all --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --per_class $PER_CLASS --data_root $DATA_ROOT"
 done
 runs=""
 for mode in $MODES; do runs="$runs $OUT/runs/$mode"; done

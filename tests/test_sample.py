@@ -170,11 +170,14 @@ def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
     clf = write_classifier(tmp_path / "clf.pt")
     train.main(train.build_parser().parse_args(TINY + [
         "--epoch", "2", "--fid_every", "1", "--fid_num", "20", "--fid_features", "classifier", "--eval_classifier",
-        str(clf), "--data_root", str(tmp_path / "data"), "--results", str(tmp_path / "res")]))
+        str(clf), "--data_root", str(tmp_path / "data"), "--results", str(tmp_path / "res"), "--per_class", "True"]))
     run = glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))[0]
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     fids = [r for r in rows if r["event"] == "fid"]
     assert [r["epoch"] for r in fids] == [1, 2] and all(r["metric"] == "proto-FID" and r["n"] == 20 for r in fids)
+    # 2 images per class: each class's FID is defined (if biased) and its accuracy is a share of 2
+    assert all(r["per_class"]["n"] == [2] * 10 and len(r["per_class"]["fid"]) == 10 for r in fids)
+    assert all(a in (0, 0.5, 1) for r in fids for a in r["per_class"]["class_accuracy"])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_fid.py"), run, run, "--out", str(tmp_path / "p.png")],
                        capture_output=True, text=True, env=run_env())
     assert r.returncode == 0, r.stderr
@@ -228,7 +231,7 @@ def test_bf16_sampling_changes_images_far_less_than_another_seed(run_dir, tmp_pa
     seed = (fp32.int() - other.int()).abs().float()
     extract, dim = make_extractor("classifier", torch.device("cpu"), None,
                                   load_classifier(str(write_classifier(tmp_path / "clf.pt"))))
-    mu_ref, sigma_ref = dataset_stats(load_dataset("digits"), extract, dim, torch.device("cpu"))
+    mu_ref, sigma_ref = dataset_stats(load_dataset("digits"), extract, dim, torch.device("cpu")).mu_sigma()
 
     def proto_fid(u8):
         stats = FeatureStats(dim)

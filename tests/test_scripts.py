@@ -25,13 +25,13 @@ def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset):
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
     scripts = [next(w for w in cmd if w.endswith(".py")) for cmd in commands]
-    # 2 classifiers, then per mode: 1 training + FID at epochs 2 and 4; then the plot
-    assert scripts == ["train_classifier.py"] * 2 + ["train.py", "sample.py", "sample.py"] * 5 + ["plot_fid.py"]
+    # 2 classifiers, then per mode: 1 training + one sample.py for the FID of every saved epoch; then the plot
+    assert scripts == ["train_classifier.py"] * 2 + ["train.py", "sample.py"] * 5 + ["plot_fid.py"]
     modes = []
     for cmd, name in zip(commands, scripts):
         if name in PARSERS:
             args = PARSERS[name]().parse_args(cmd[cmd.index(name) + 1:])
-            assert args.dataset == dataset if name != "sample.py" else args.fid
+            assert args.dataset == dataset if name != "sample.py" else args.fid and args.epoch == "all"
             if name == "train.py":
                 modes.append(args.mode)
                 assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128

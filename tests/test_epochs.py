@@ -1,0 +1,150 @@
+"""sample.py over many saved epochs in one process (the paper's FID-per-epoch curve), and per-class figures."""
+import functools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+
+import experiment_report
+import plot_fid
+import sample
+import train
+from fid import FeatureStats, dataset_stats, frechet_distance, load_or_make_reference
+from runtime import UserError
+from test_sample import pngs, write_classifier
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits run with epochs 1 and 2 saved, and an (untrained) classifier for proto-FID."""
+    root = tmp_path_factory.mktemp("epochs")
+    train.main(train.build_parser().parse_args(TINY + ["--epoch", "2", "--interval", "1", "--run_dir",
+                                                       str(root / "run")]))
+    return root / "run", write_classifier(root / "clf.pt")
+
+
+def run_sample(run, clf, tmp_path, epochs, *extra):
+    sample.main(sample.build_parser().parse_args([
+        "--path", str(run), "--epoch", epochs, "--ddim", "True", "--num_steps", "3", "--genum", "20",
+        "--genbatch", "8", "--fid", "True", "--fid_features", "classifier", "--eval_classifier", str(clf),
+        "--data_root", str(tmp_path / "data"), "--per_class", "True", *extra]))
+    return [json.loads(line) for line in open(run / "metrics.jsonl") if '"fid"' in line]
+
+
+def test_several_epochs_in_one_process_equal_separate_invocations(trained, tmp_path):
+    run, clf = trained
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    for folder in (alone, together):
+        shutil.copytree(run, folder)
+    separate = [run_sample(alone, clf, tmp_path, str(e), "--out", str(tmp_path / f"png_{e}"))[-1] for e in (1, 2)]
+    records = run_sample(together, clf, tmp_path, "all", "--png", "True", "--out", str(tmp_path / "many"))
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [28, 56]
+    for a, b in zip(separate, records):
+        for key in ("value", "n", "class_accuracy", "per_class"):
+            assert a[key] == b[key], key
+    assert records[0]["value"] != records[1]["value"]  # two epochs' weights, not one twice
+    for e in (1, 2):
+        a, b = pngs(tmp_path / f"png_{e}"), pngs(tmp_path / "many" / f"samples_{e}")
+        assert len(a) == 20 and all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert (tmp_path / "many" / f"samples_{e}_grid.png").exists()
+
+
+def test_many_epochs_write_no_pngs_unless_asked(trained, tmp_path):
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    run_sample(tmp_path / "run", clf, tmp_path, "1,2")
+    assert not [p for p in (tmp_path / "run").glob("samples_*") if p.is_dir()]
+    assert sorted(p.name for p in (tmp_path / "run").glob("samples_*_grid.png")) == ["samples_1_grid.png",
+                                                                                     "samples_2_grid.png"]
+
+
+def test_every_epoch_reuses_the_one_compiled_network(trained, tmp_path, monkeypatch):
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append("network" if "conv2d" in str(gm.graph) else "noise")
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    torch._dynamo.reset()
+    records = run_sample(tmp_path / "run", clf, tmp_path, "all", "--compile", "True")
+    assert len(records) == 2 and graphs == ["noise", "network"]  # epoch 2's weights loaded into the same graph
+    assert [c["network"] for c in records[0]["compile"]] == ["per-image noise", "sampling network"]
+
+
+@pytest.mark.parametrize("spec,message", [("1,x", "--epoch must be a saved epoch, a comma list"),
+                                          ("1,1", "--epoch must be a saved epoch, a comma list"),
+                                          ("-1", "--epoch must be"),
+                                          ("1,9", "no checkpoint for epoch 9 in"),
+                                          ("", "--epoch must be")])
+def test_bad_epoch_lists_are_refused_before_sampling(trained, tmp_path, spec, message):
+    run, _ = trained
+    before = sorted(os.listdir(run))
+    with pytest.raises(UserError, match=message) as e:
+        sample.main(sample.build_parser().parse_args(["--path", str(run), "--epoch", spec, "--genum", "10"]))
+    if "no checkpoint" in message:
+        assert str(e.value).endswith("saved epochs: 1, 2")
+    assert sorted(os.listdir(run)) == before
+
+
+def test_per_class_statistics_equal_numpy_per_class():
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(60, 4)), rng.integers(0, 3, size=60)
+    stats = FeatureStats(4, "cpu", classes=3)
+    for i in range(0, 60, 16):  # in batches, as images arrive
+        stats.add(torch.from_numpy(feats[i:i + 16]), torch.from_numpy(labels[i:i + 16]))
+    for c in range(3):
+        mu, sigma = stats.mu_sigma(c)
+        assert np.allclose(mu, feats[labels == c].mean(0)) and np.allclose(sigma, np.cov(feats[labels == c],
+                                                                                          rowvar=False))
+    mu, sigma = stats.mu_sigma()  # all classes together
+    assert np.allclose(mu, feats.mean(0)) and np.allclose(sigma, np.cov(feats, rowvar=False))
+    assert stats.n == 60 and stats.count.tolist() == [float((labels == c).sum()) for c in range(3)]
+
+
+def test_per_class_reference_is_cached_beside_the_all_class_file(tmp_path):
+    from datasets import ImageData
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(256, (30, 1, 2, 2), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([0] * 12 + [1] * 17 + [2])  # class 2 has one image: no covariance
+    data = ImageData(images, labels, ["a", "b", "c"])
+
+    def extract(u8):
+        return u8.flatten(1).double()
+    path = str(tmp_path / "ref.npz")
+    made = load_or_make_reference(path, lambda k: dataset_stats(data, extract, 4, torch.device("cpu"), batch=7,
+                                                                classes=k), True, classes=3)
+    again = load_or_make_reference(path, lambda k: pytest.fail("recomputed"), True, classes=3)
+    x = images.flatten(1).double().numpy()
+    for (mu, sigma), ref in ((made[0], made[0]), (again[0], made[0])):
+        assert np.allclose(mu, x.mean(0)) and np.allclose(sigma, np.cov(x, rowvar=False))
+    for per_class in (made[1], again[1]):
+        for c in (0, 1):
+            assert np.allclose(per_class[c][0], x[labels == c].mean(0))
+            assert np.allclose(per_class[c][1], np.cov(x[labels == c], rowvar=False))
+        assert per_class[2] is None
+    assert os.path.isfile(tmp_path / "ref_per_class.npz")
+    # a class's FID is the Frechet distance of its own statistics
+    assert frechet_distance(*made[1][0], *made[1][0]) == pytest.approx(0, abs=1e-6)
+
+
+def test_one_class_curve_in_plot_fid_and_experiment_report(trained, tmp_path):
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    records = run_sample(tmp_path / "run", clf, tmp_path, "all")
+    plot_fid.main(plot_fid.build_parser().parse_args([str(tmp_path / "run"), "--class_index", "3",
+                                                      "--out", str(tmp_path / "c3.png")]))
+    assert (tmp_path / "c3.png").stat().st_size > 0
+    runs = experiment_report.collect([str(tmp_path / "run")], class_index=3)
+    (seeds,) = runs.values()
+    assert seeds[0] == {r["step"]: (r["per_class"]["fid"][3], r["per_class"]["class_accuracy"][3], r["epoch"])
+                        for r in records}
+    with pytest.raises(UserError, match="not a class"):
+        plot_fid.fid_curve(str(tmp_path / "run"), 10)
