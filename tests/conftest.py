@@ -29,3 +29,19 @@ def inductor_cache(tmp_path_factory):
     """One inductor cache for the suite's compiled subprocess runs: the first pays a cold compile, the rest of the
     same graph reuse it (tests/test_ddp.py, scripts/gpu_check.sh's CPU run)."""
     return str(tmp_path_factory.mktemp("inductor"))
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """torch.compile with a backend that runs each graph as traced and records it as "network" (convolutions) or
+    "noise": the list of graphs compiled so far, starting empty (no code cached from earlier tests)."""
+    import functools
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append("network" if "conv2d" in str(gm.graph) else "noise")
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    torch._dynamo.reset()
+    return graphs

@@ -149,19 +149,12 @@ def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grids_and_periodic_fid_do_not_recompile(tmp_path, monkeypatch):
+def test_grids_and_periodic_fid_do_not_recompile(tmp_path, compiled_graphs):
     from test_sample import write_classifier
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append("network" if "conv2d" in str(gm.graph) else "noise")
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    graphs = compiled_graphs
     clf = write_classifier(tmp_path / "clf.pt")
     common = TINY + ["--compile", "True", "--sample_every", "1", "--fid_every", "1", "--fid_num", "20",
                      "--fid_features", "classifier", "--eval_classifier", str(clf), "--data_root", str(tmp_path)]
-    torch._dynamo.reset()
     train.main(train.build_parser().parse_args(common + ["--epoch", "1", "--run_dir", str(tmp_path / "one")]))
     once = len(graphs)
     torch._dynamo.reset()
