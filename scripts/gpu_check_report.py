@@ -184,7 +184,8 @@ def report(out_dir: str, work: str, genum: int, loss_max: float) -> int:
     rep["bench"] = bench_json(os.path.join(out_dir, "bench.log")) if "bench" in steps else None
     if "train" in steps:
         rep["train"] = check_train(work, loss_max)
-    fid = re.search(r"^((?:proto-)?FID ([^\s,]+).*?\((\d+) images.*)$", read(os.path.join(out_dir, "sample.log")), re.M)
+    fid = re.search(r"^(?:epoch \d+: )?((?:proto-)?FID ([^\s,]+).*?\((\d+) images.*)$",
+                    read(os.path.join(out_dir, "sample.log")), re.M)
     if "sample" in steps:
         wall = steps["sample"]["seconds"]
         fids = [json.loads(line) for line in read(os.path.join(work, "random_run", "metrics.jsonl")).splitlines()]
@@ -217,8 +218,9 @@ def report(out_dir: str, work: str, genum: int, loss_max: float) -> int:
     lines.append(f"{'total':<9}         {sum(s['seconds'] for s in steps.values()):>4} s")
     if rep["warmup"]:
         row = next(iter(rep["warmup"]["rows"].values()))
-        lines.append(f"warm-up compile of bench's training step: {row['compile_s']:.1f} s "
-                     f"({'compiled' if row.get('compiled') else 'EAGER: ' + str(row.get('compile_error'))})")
+        state = "compiled" if row.get("compiled") else ("EAGER: " + row["compile_error"] if "compile_error" in row
+                                                          else "compile off")
+        lines.append(f"warm-up compile of bench's training step: {row['compile_s']:.1f} s ({state})")
     if tests_log:
         lines += ["", f"tests: {rep['tests']['summary']}", f"  {rep['tests']['per_image_seeds'] or ''}"]
     if rep["bench"]:

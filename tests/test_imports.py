@@ -38,7 +38,7 @@ def test_every_entry_point_imports_without_pytorch_fid(no_pytorch_fid):
 
 def test_training_and_proto_fid_run_and_inception_fid_says_what_to_install(no_pytorch_fid, tmp_path):
     run_dir = tmp_path / "run"
-    r = run(no_pytorch_fid, ["train.py"] + TINY + ["--epoch", "1", "--run_dir", str(run_dir)])
+    r = run(no_pytorch_fid, ["train.py"] + TINY + ["--epoch", "1", "--batchsize", "512", "--run_dir", str(run_dir)])
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(no_pytorch_fid, ["sample.py", "--path", str(run_dir), "--epoch", "1", "--ddim", "True", "--num_steps", "2",
                              "--genum", "10", "--fid", "True", "--out", str(tmp_path / "s")])
