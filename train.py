@@ -70,8 +70,9 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
     "dist_backend": DIST_BACKEND,
-    **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root", "tiny_imagenet_path",
-                              "path_resume", "run_dir", "path_proto", "eval_classifier", "results")},
+    **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root",
+                              "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
+                              "results")},
 }
 
 
