@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from compat import Compat
 from ema import EMA
 from embedding import ConditionalEmbedding
 from runtime import UserError
@@ -86,7 +87,8 @@ def build_models(cfg: dict) -> tuple[Unet, ConditionalEmbedding]:
     """The UNet and the class embedding described by a run config (freshly initialised)."""
     net = Unet(in_ch=cfg["inch"], mod_ch=cfg["modch"], out_ch=cfg["outch"], ch_mul=cfg["chmul"],
                num_res_blocks=cfg["numres"], cdim=cfg["cdim"], use_conv=cfg["useconv"], droprate=cfg["droprate"])
-    return net, ConditionalEmbedding(cfg["num_classes"], cfg["cdim"], cfg["cdim"])
+    padding_idx = Compat.of(cfg.get("compat"), cfg.get("dataset")).padding_idx
+    return net, ConditionalEmbedding(cfg["num_classes"], cfg["cdim"], cfg["cdim"], padding_idx)
 
 
 def original_config(path: str, state: dict) -> dict:

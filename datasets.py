@@ -44,9 +44,51 @@ def to_float(u8: torch.Tensor) -> torch.Tensor:
     return u8.float() / 127.5 - 1
 
 
+def quantise(unit: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> uint8, floor(x * 255 + 0.5) clamped: the one quantisation of samples."""
+    return torch.floor(unit * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8, u8 = floor((x + 1) / 2 * 255 + 0.5) clamped: the one quantisation of samples."""
-    return torch.floor((x.float() + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    """float [-1, 1] -> uint8, u8 = floor((x + 1) / 2 * 255 + 0.5) clamped."""
+    return quantise((x.float() + 1) / 2)
+
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)  # the original's STL10 normalisation
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How uint8 images become the diffusion model's floats and its samples (clamped to [-1, 1]) uint8 again: by
+    default [-1, 1] both ways; `--compat` can restore the original's STL10 normalisation and min-max stretch."""
+    mean: tuple[float, ...] | None = None  # with std: (u8 / 255 - mean) / std, mapped back and clamped to [0, 1]
+    std: tuple[float, ...] | None = None
+    stretch: bool = False  # each image to its own [min, max], as torchvision's save_image(normalize=True) did
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = like.shape[1]  # the original's constants are per RGB channel
+        return (torch.tensor(self.mean[:channels], device=like.device).view(1, -1, 1, 1),
+                torch.tensor(self.std[:channels], device=like.device).view(1, -1, 1, 1))
+
+    def encode(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> the floats the model trains on."""
+        if self.mean is None:
+            return to_float(u8)
+        mean, std = self._stats(u8)
+        return (u8.float() / 255 - mean) / std
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples [B, C, H, W] -> uint8."""
+        x = x.float()
+        if self.mean is None and not self.stretch:
+            return to_uint8(x)
+        if self.mean is not None:
+            mean, std = self._stats(x)
+            x = (x * std + mean).clamp(0, 1)
+        if not self.stretch:
+            return quantise(x)
+        low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+        return quantise((x - low) / (high - low).clamp(min=1e-5))
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -8,15 +8,16 @@ from torch import nn
 class ConditionalEmbedding(nn.Module):
     """Label -> table row (d_model) -> Linear, SiLU, Linear (dim): the class condition `cond` the UNet takes.
 
-    Unlike the original we pass no padding_idx. Its padding_idx=0 fixed class 0's table row at zero with no
-    gradient, so that row never learned in `regular` (nor a loaded prototype row 0 in `proto_unfrozen`); class 0
-    was still distinct from the CFG null condition, which zeroes this module's output, while class 0 got MLP(0).
+    By default no padding_idx. The original's padding_idx=0 (`--compat padding_idx`) fixed class 0's table row at
+    zero with no gradient, so that row never learned in `regular` (nor a loaded prototype row 0 in `proto_unfrozen`);
+    class 0 was still distinct from the CFG null condition, which zeroes this module's output, while class 0 got
+    MLP(0).
     """
 
-    def __init__(self, num_labels: int, d_model: int, dim: int):
+    def __init__(self, num_labels: int, d_model: int, dim: int, padding_idx: int | None = None):
         super().__init__()
-        self.condEmbedding = nn.Sequential(nn.Embedding(num_labels, d_model), nn.Linear(d_model, dim), nn.SiLU(),
-                                           nn.Linear(dim, dim))
+        self.condEmbedding = nn.Sequential(nn.Embedding(num_labels, d_model, padding_idx=padding_idx),
+                                           nn.Linear(d_model, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @property
     def table(self) -> nn.Parameter:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from datasets import DatasetError, class_grid_labels, load_dataset, save_grid, save_png, to_float, to_uint8
+from datasets import DatasetError, Pixels, class_grid_labels, load_dataset, save_grid, save_png, to_float
 from diffusion import GaussianDiffusion, ddim_timesteps
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
 from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
@@ -40,12 +40,14 @@ class Sampler:
     seed: int
     fast: FastPath | None = None
     normals: Callable[..., torch.Tensor] = normals  # computes per-image noise; compiled by prepare() with --compile
+    pixels: Pixels = Pixels()  # samples -> uint8 (PNGs, grids and the FID features all read these)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, w: float | None = None, fast: FastPath | None = None) -> "Sampler":
+    def from_args(cls, args: argparse.Namespace, w: float | None = None, fast: FastPath | None = None,
+                  pixels: Pixels = Pixels()) -> "Sampler":
         """The sampler the flags describe (--ddim --num_steps --eta --select --w --genbatch --seed)."""
         return cls(args.ddim, args.num_steps, args.eta, args.select, args.w if w is None else w, args.genbatch,
-                   args.seed, fast)
+                   args.seed, fast, pixels=pixels)
 
     @property
     def fixed_batch(self) -> bool:
@@ -200,7 +202,7 @@ def generate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
             cond = cemblayer(labels[rows].to(device))
         x = sampler.draw(diffusion, net, cond, (len(rows),) + tuple(shape),
                          ImageNoise([sampler.seed + i for i in rows], device, sampler.normals))
-        yield chunk, to_uint8(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
+        yield chunk, sampler.pixels.decode(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
 
 
 def classifier_for(path: str) -> nn.Module:
@@ -291,7 +293,7 @@ def few_images_warning(n: int, width: int) -> str | None:
 
 
 def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d: Dist, sampler: Sampler,
-                   say: Callable[[str], None]) -> Callable[[nn.Module, nn.Module], dict]:
+                   say: Callable[[str], None], weights: str = "ema") -> Callable[[nn.Module, nn.Module], dict]:
     """For train.py --fid_every: (sampling net, class embedding) -> FID record of --fid_num images split across
     ranks, drawn with the run's sampler."""
     path = args.eval_classifier or args.path_proto
@@ -307,7 +309,7 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
         r = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world)
         out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
                "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(diffusion.T), "w": args.w,
-               "weights": "ema", "reference": os.path.abspath(scoring.reference),
+               "weights": weights, "compat": args.compat, "reference": os.path.abspath(scoring.reference),
                "features": args.fid_features if args.fid_features == "inception"
                else f"classifier {os.path.abspath(path)}"}
         out.update({k: r[k] for k in ("class_accuracy", "per_class") if k in r})

@@ -30,6 +30,8 @@ def arm_of(cfg: dict, with_file: bool) -> str:
         name += f" {cfg['proto_source']}"
     if cfg.get("proto_norm", "keep") != "keep":
         name += f" @ norm {cfg['proto_norm']}"
+    if cfg.get("compat", "none") != "none":
+        name += f" --compat {cfg['compat']}"
     if with_file and cfg["mode"] != "regular":
         name += f" [{os.path.splitext(os.path.basename(cfg['path_proto']))[0]}]"
     return name

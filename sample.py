@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import load_epoch, load_run, saved_epochs
+from compat import COMPAT, Compat
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
 from evaluate import Sampler, Scoring, classifier_for, evaluate, few_images_warning, image_labels, reference_path
@@ -54,7 +55,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "weights": unset_or(one_of("ema", "raw"), "ema when the checkpoint has it"),
     "select": one_of("linear", "quadratic"), "label": one_of("range", "random"), "fid_features": one_of(*FEATURES),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
-    "device": DEVICE, "png": AUTO_OR_BOOL,
+    "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
                               "data_root", "out", "local_rank", "per_class")},
 }
@@ -77,6 +78,7 @@ def main(args: argparse.Namespace) -> None:
     """Sample (and score) every epoch --epoch names with one network, compiled once, and one scorer."""
     check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
+    say = RunLog(None, d.is_main).line  # rank 0 prints
     clf_path = args.eval_classifier or args.path_proto
     if args.fid_features == "classifier" and not clf_path:
         raise UserError("--fid_features classifier needs --path_proto or --eval_classifier (a train_classifier.py "
@@ -85,6 +87,11 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("--path (a run dir) is required")
     epochs = resolve_epochs(args.path, args.epoch)
     net, cemblayer, cfg, _ = load_run(args.path, epochs[0], args.weights)  # the architecture; weights per epoch
+    spec = args.compat or cfg.get("compat", "none")
+    compat = Compat.of(spec, cfg["dataset"])
+    weights = args.weights or ("raw" if compat.weights == "raw" else None)  # None: EMA when the checkpoint has it
+    if note := compat.describe(spec):
+        say(note)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode)
     net.to(d.device, memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
     cemblayer.to(d.device)
@@ -119,8 +126,7 @@ def main(args: argparse.Namespace) -> None:
     classifier = classifier_for(clf_path).to(d.device) if clf_path else None
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
-    sampler = Sampler.from_args(args, w=w, fast=fast)
-    say = RunLog(None, d.is_main).line  # rank 0 prints
+    sampler = Sampler.from_args(args, w=w, fast=fast, pixels=compat.pixels)
     if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
         say(warning)
     outcomes = []  # the compiles' outcomes, once the first batch has compiled the noise and the network
@@ -133,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
     scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights,
                       args.per_class) if args.fid else None
     for epoch in epochs:
-        position = load_epoch(net, cemblayer, args.path, epoch, args.weights)
+        position = load_epoch(net, cemblayer, args.path, epoch, weights)
         say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
             f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
         result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
@@ -145,13 +151,13 @@ def main(args: argparse.Namespace) -> None:
             kept = {i: img for share in shares for i, img in share.items()}
         if d.is_main:
             write_outputs(args, result, kept, grid_indices, per_class, base[epoch], write_png, position, sampler,
-                          diffusion.T, w, ref, clf_path, outcomes)
+                          diffusion.T, w, ref, clf_path, outcomes, spec)
     teardown_distributed()
 
 
 def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indices: list[int], per_class: int,
                   base: str, write_png: bool, position: dict, sampler: Sampler, T: int, w: float, ref: str,
-                  clf_path: str | None, outcomes: list[dict]) -> None:
+                  clf_path: str | None, outcomes: list[dict], compat: str) -> None:
     """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl."""
     epoch = position["epoch"]
     grid_path = base.rstrip("/") + "_grid.png"
@@ -164,7 +170,7 @@ def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indic
     record = {"event": "fid", "epoch": epoch, "step": position["global_step"], "metric": name, "value": result["fid"],
               "n": result["n"], "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(T),
               "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
-              "weights": position["weights"], "label": args.label, "seed": args.seed,
+              "weights": position["weights"], "compat": compat, "label": args.label, "seed": args.seed,
               "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
               else f"classifier {os.path.abspath(clf_path)}"}
     record.update({k: result[k] for k in ("class_accuracy", "per_class") if k in result})
@@ -205,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception_weights", default=None, help="pytorch-fid Inception weights file (default: "
                    "$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded when online)")
     p.add_argument("--data_root", default=None, help="datasets folder for reference statistics (default: the run's)")
-    p.add_argument("--weights", default=None, help="ema or raw (default: ema when the checkpoint has it)")
+    p.add_argument("--weights", default=None, help="ema or raw (default: ema when the checkpoint has it, raw under "
+                   "--compat raw_weights)")
+    p.add_argument("--compat", default=None, help="the original code's behaviours to restore when sampling (see "
+                   "train.py --compat; raw_weights, png_stretch and stl10_norm act here); default: the run's own")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default=None, help="PNG folder (default PATH/samples_EPOCH); with several epochs the "
                    "folder that holds a samples_EPOCH folder and grid per epoch")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from compat import COMPAT, Compat
 from checkpoints import (TrainState, build_models, latest_checkpoint, load_file, new_run_dir, run_models,
                          save_checkpoint, set_rng_state)
 from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
@@ -69,7 +70,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
-    "dist_backend": DIST_BACKEND,
+    "dist_backend": DIST_BACKEND, "compat": COMPAT,
     **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root",
                               "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
                               "results")},
@@ -88,13 +89,21 @@ def table_norm(args: argparse.Namespace) -> float | None:
     return float(args.proto_norm)  # checked by PROTO_NORM
 
 
-def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float):
+def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float, original: bool = False):
     """Per epoch: linear warm-up from lr to lr*multiplier over max(1, epochs//20) epochs, then cosine to 0.
 
     The optimizer's lr must already be the peak (lr * multiplier). The original's GradualWarmupScheduler
-    fell back to the base lr after warm-up; we keep the peak, as its own docstring intended.
+    fell back to the base lr after warm-up; we keep the peak, as its own docstring intended. `original` restores
+    its trajectory: epoch e <= W = epochs//20 runs at lr (1 + (multiplier - 1) e / W), every later epoch at
+    lr (1 + cos(pi (e - W - 1) / epochs)) / 2, a cosine over all epochs restarted from the base lr.
     """
     warm = max(1, epochs // 20)
+    if original:
+        def factor(e: int) -> float:  # of the peak lr the optimizer holds
+            if e <= warm:
+                return (1 + (multiplier - 1) * e / warm) / multiplier
+            return (1 + math.cos(math.pi * (e - warm - 1) / epochs)) / 2 / multiplier
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / multiplier, end_factor=1.0,
                                                total_iters=warm)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warm), eta_min=0.0)
@@ -243,6 +252,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     d = setup_distributed(args.device, args.dist_backend)
     resume = read_resume(args)
     validate(args)
+    compat = Compat.of(args.compat, args.dataset)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode,
                              args.compile_scope)
 
@@ -256,6 +266,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
     run_dir = make_run_dir(args, cfg, d, fresh=resume is None)
     log = RunLog(run_dir, d.is_main)
+    if note := compat.describe(args.compat):
+        log.line(note)
 
     # --- models, EMA, optimizer (AdamW at the warm-up's peak, scaled per epoch by the schedule), diffusion
     models = make_models(args, cfg, resume, protos, run_dir, log)
@@ -264,7 +276,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     optimizer = adamw([p for p in models.parameters() if p.requires_grad], args.lr * args.multiplier,
                       args.weight_decay)
     state = TrainState(models, EMA(models, args.ema_decay), optimizer,
-                       make_lr_schedule(optimizer, args.epoch, args.multiplier),
+                       make_lr_schedule(optimizer, args.epoch, args.multiplier, compat.original_lr),
                        torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16))  # fp16 only
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
 
@@ -275,7 +287,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         load_compile_cache(compile_cache, log.line)
     probe = torch.arange(args.batchsize, device=images.device) % len(labels)
     loss, outcome = make_loss(models, diffusion, args.threshold, fast, d.device,
-                              (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d)
+                              (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d, compat.pixels)
     if outcome is not None:
         log.record(event="compile", **outcome)
     train_step = TrainStep(loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
@@ -286,13 +298,13 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         start_epoch, skip = restore(state, resume, args, d, run_dir, log)
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
-    # grids and --fid_every sample the EMA weights through one network, compiled at its first use for the
-    # sampler's batch (a run that stops before its first grid never compiles it)
-    sampler = Sampler.from_args(args, fast=fast)
-    ema = state.ema.module
-    sampling_net = sampler.prepare(ema["net"], (cfg["inch"], cfg["image_size"], cfg["image_size"]), args.cdim,
+    # grids and --fid_every sample the EMA (or with --compat raw_weights the raw) weights through one network,
+    # compiled at its first use for the sampler's batch (a run that stops before its first grid never compiles it)
+    sampler = Sampler.from_args(args, fast=fast, pixels=compat.pixels)
+    sampled = state.ema.module if compat.weights == "ema" else models
+    sampling_net = sampler.prepare(sampled["net"], (cfg["inch"], cfg["image_size"], cfg["image_size"]), args.cdim,
                                    d.device, log.line, lambda outcome: log.record(event="compile", **outcome))
-    evaluator = make_evaluator(args, cfg, diffusion, d, sampler, log.line) if args.fid_every else None
+    evaluator = make_evaluator(args, cfg, diffusion, d, sampler, log.line, compat.weights) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
@@ -346,13 +358,14 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                        img_per_s=rate, steps=whole_epoch.n)
         log.line(f"epoch {done}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")
         state.scheduler.step()
+        sampled.eval()  # the raw models go back to train() at the next epoch's start
         if d.is_main and (done % args.sample_every == 0 or last):
             grid = os.path.join(run_dir, "samples", f"grid_{done}.png")
-            log.line(f"sample grid (EMA weights) -> "
-                     f"{sample_grid(diffusion, sampling_net, ema['cemblayer'], cfg, sampler, grid)}")
+            log.line(f"sample grid ({compat.weights} weights) -> "
+                     f"{sample_grid(diffusion, sampling_net, sampled['cemblayer'], cfg, sampler, grid)}")
         if evaluator is not None and (done % args.fid_every == 0 or last):
             try:
-                result = evaluator(sampling_net, ema["cemblayer"])
+                result = evaluator(sampling_net, sampled["cemblayer"])
             except Exception as e:  # days of training are worth more than one evaluation
                 reason = (str(e).strip().splitlines() or [""])[0][:300]
                 log.record(event="fid_error", epoch=done, step=step, error=f"{type(e).__name__}: {reason}")
@@ -487,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_scope", default="whole", help="what --compile compiles for training: whole (the "
                    "loss as one graph) or regional (each of the UNet's blocks; blocks of one shape share a graph)")
     p.add_argument("--channels_last", default="auto", help="channels_last memory format (True/False; auto: on)")
+    p.add_argument("--compat", default="none", help="restore the original code's behaviours that this repo changed: "
+                   "none, original (all), or a comma list of padding_idx (class 0's row at zero, untrained), "
+                   "lr_schedule (back to lr after the warm-up), raw_weights (grids and FID without EMA), png_stretch "
+                   "(per-image min-max stretch of samples), stl10_norm (CIFAR10 mean/std for STL10); kept in "
+                   "config.json, so sample.py follows the run")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--dist_backend", default="auto", help="torchrun's backend: auto (nccl on CUDA, gloo on CPU), "
                    "nccl or gloo (gloo lets several ranks share one GPU, as scripts/gpu_check.sh does)")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from datasets import to_float
+from datasets import Pixels
 from diffusion import GaussianDiffusion, drop_condition
 from ema import EMA
 from runtime import Dist, FastPath, compile_or_eager
@@ -21,15 +21,17 @@ from runtime import Dist, FastPath, compile_or_eager
 class DiffusionLoss(nn.Module):
     """(uint8 images [B, C, H, W], labels [B]) -> the eps-MSE loss of one batch, with CFG label dropout."""
 
-    def __init__(self, models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath):
+    def __init__(self, models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
+                 pixels: Pixels = Pixels()):
         super().__init__()
+        self.pixels = pixels  # uint8 -> the model's floats ([-1, 1], or the original's STL10 normalisation)
         self.models = models  # "net" (the UNet) and "cemblayer" (the class table + MLP)
         self.diffusion = diffusion
         self.threshold = threshold
         self.fast = fast
 
     def forward(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x0 = to_float(images_u8)
+        x0 = self.pixels.encode(images_u8)
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with self.fast.autocast(x0.device):
@@ -39,7 +41,7 @@ class DiffusionLoss(nn.Module):
 
 def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
               device: torch.device, example: tuple[torch.Tensor, torch.Tensor], say: Callable[[str], None],
-              d: Dist | None = None) -> tuple[nn.Module, dict | None]:
+              d: Dist | None = None, pixels: Pixels = Pixels()) -> tuple[nn.Module, dict | None]:
     """DiffusionLoss, wrapped in DDP when the job has several processes, then compiled when fast.compile asks;
     returns it with the compile's outcome record (None when no compile was asked for).
 
@@ -49,7 +51,7 @@ def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: fl
     that the probe runs no collective that a rank whose compile failed would not join; the ranks then agree, and if
     any failed, every rank goes on eager with a fresh DDP around the plain module.
     """
-    plain = DiffusionLoss(models, diffusion, threshold, fast)
+    plain = DiffusionLoss(models, diffusion, threshold, fast, pixels)
     several = d is not None and d.world > 1
 
     def wrap() -> nn.Module:

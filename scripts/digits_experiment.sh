@@ -8,7 +8,12 @@
 #   means          each class's mean classifier feature (--proto_source means)
 #   random         random directions (--mode random_scaled)
 # More arms for the earlier studies: centres_own_norm, random_own_norm (the tables at the centres' own norms),
-# shuffled (centres of other classes), unfrozen (centres, trained).
+# shuffled (centres of other classes), unfrozen (centres, trained), regular_padding_idx (the original's baseline:
+# class 0's row at zero, untrained). Study 3 (docs/digits.md) is
+#   OUT=results/digits_study3 ARMS="regular regular_padding_idx centres_own_norm centres" FID_NUM=1000 \
+#     PER_CLASS=True bash scripts/digits_experiment.sh
+# and its long baselines the same with OUT=results/digits_study3_long ARMS="regular regular_padding_idx" EPOCHS=63
+# EVAL_EVERY=6.
 # proto-FID and class accuracy of EMA samples every EVAL_EVERY epochs, scored by a classifier trained with another
 # seed than the prototypes'; experiment_report.py adds the differences paired by seed to regular and to random,
 # structure.py the class structure of every table, against the prototypes' classifier and the independent one.
@@ -24,12 +29,15 @@ SEEDS=${SEEDS:-"0 1 2 3 4"}
 ARMS=${ARMS:-"regular centres centres_lr100 means random"}
 EPOCHS=${EPOCHS:-21}          # 28 steps per epoch at batch 64: 588 steps, where the arms can still differ
 EVAL_EVERY=${EVAL_EVERY:-3}
+FID_NUM=${FID_NUM:-200}       # EMA samples per evaluation, balanced over the 10 classes
+PER_CLASS=${PER_CLASS:-False} # also each class's proto-FID and accuracy (experiment_report.py --class_index)
 JOBS=${JOBS:-2}               # runs side by side, one thread each
 CLASSIFIER_EPOCHS=${CLASSIFIER_EPOCHS:-15}
 P=$OUT/prototypes.pt
 arm_flags() {
   case $1 in
     regular) echo "--mode regular" ;;
+    regular_padding_idx) echo "--mode regular --compat padding_idx" ;;
     centres) echo "--mode proto_frozen --proto_norm default --path_proto $P" ;;
     centres_lr100) echo "--mode proto_frozen --proto_norm default --path_proto $OUT/prototypes_lr100.pt" ;;
     means) echo "--mode proto_frozen --proto_norm default --proto_source means --path_proto $P" ;;
@@ -58,7 +66,7 @@ for seed in $SEEDS; do for arm in $ARMS; do
   echo "$PY train.py --dataset digits $(arm_flags "$arm") --seed $seed \
     --modch 32 --chmul 1,2 --numres 1 --batchsize 64 --lr 4e-4 --epoch $EPOCHS --ema_decay 0.999 \
     --ddim True --num_steps 20 --genbatch 100 --sample_every $EPOCHS --interval $EPOCHS --log_every 28 \
-    --fid_every $EVAL_EVERY --fid_num 200 --fid_features classifier --eval_classifier $OUT/eval_classifier.pt \
+    --fid_every $EVAL_EVERY --fid_num $FID_NUM --per_class $PER_CLASS --fid_features classifier --eval_classifier $OUT/eval_classifier.pt \
     --data_root $OUT/data --run_dir $OUT/runs/$name > $OUT/runs/$name.log 2>&1"
 done; done
 }
