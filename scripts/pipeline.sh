@@ -26,6 +26,9 @@ CLS_EPOCHS=${CLS_EPOCHS:-30}
 MODES=${MODES:-"regular proto_frozen proto_unfrozen random_scaled proto_shuffled"}
 DATA_ROOT=${DATA_ROOT:-datasets}
 EXTRA=${EXTRA:-}                  # e.g. "--tiny_imagenet_path /data/tiny-imagenet-200"
+COMPAT=${COMPAT:-none}            # original: what the authors' code ran (train.py --compat; sample.py follows the run)
+WEIGHTS=EMA
+[[ ",$COMPAT," == *,original,* || ",$COMPAT," == *,raw_weights,* ]] && WEIGHTS=raw
 PY=${PY:-.venv/bin/python}
 RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU"
 
@@ -38,10 +41,10 @@ run() {
 run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $SEED --out $OUT/prototypes.pt $EXTRA"
 run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $((SEED + 1)) --out $OUT/eval_classifier.pt $EXTRA"
 for mode in $MODES; do
-  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode $EXTRA"
+  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode --compat $COMPAT $EXTRA"
   # every saved epoch in one process: the network compiles once, Inception and the reference load once
   run "$RUN sample.py --path $OUT/runs/$mode --epoch all --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --per_class $PER_CLASS --data_root $DATA_ROOT"
 done
 runs=""
 for mode in $MODES; do runs="$runs $OUT/runs/$mode"; done
-run "$PY plot_fid.py$runs --out $OUT/fid_vs_epoch.png --title '$DATASET: FID (Inception, $GENUM images, DDIM-50, EMA) vs epoch'"
+run "$PY plot_fid.py$runs --out $OUT/fid_vs_epoch.png --title '$DATASET: FID (Inception, $GENUM images, DDIM-50, $WEIGHTS) vs epoch'"

@@ -14,10 +14,10 @@ PARSERS = {"train.py": train.build_parser, "sample.py": sample.build_parser,
            "train_classifier.py": train_classifier.build_parser}
 
 
-@pytest.mark.parametrize("script,dataset", [("cifar10.sh", "cifar10"), ("stl10.sh", "stl10"),
-                                            ("tiny_imagenet.sh", "tiny-imagenet")])
-def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset):
-    env = dict(os.environ, EPOCHS="4", INTERVAL="2", NGPU="2")
+@pytest.mark.parametrize("script,dataset,compat", [("cifar10.sh", "cifar10", "none"), ("stl10.sh", "stl10", "original"),
+                                                   ("tiny_imagenet.sh", "tiny-imagenet", "padding_idx")])
+def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset, compat):
+    env = dict(os.environ, EPOCHS="4", INTERVAL="2", NGPU="2", COMPAT=compat)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run"], capture_output=True, text=True,
                        env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -32,8 +32,9 @@ def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset):
             assert args.dataset == dataset if name != "sample.py" else args.fid and args.epoch == "all"
             if name == "train.py":
                 modes.append(args.mode)
-                assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128
+                assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128 and args.compat == compat
     assert modes == ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
+    assert ("raw) vs epoch" in commands[-1][-1]) == (compat == "original")  # the plot names the weights FID used
 
 
 def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
