@@ -37,30 +37,36 @@ def arm_of(cfg: dict, with_file: bool) -> str:
     return name
 
 
-def point(record: dict, class_index: int | None) -> tuple[float, float, int]:
-    """(proto-FID, class accuracy, epoch) of a `fid` record, or of its class `class_index`'s per-class figures."""
-    if class_index is None:
+def point(record: dict, class_index: int | None, other_classes: int | None = None) -> tuple[float, float, int]:
+    """(proto-FID, class accuracy, epoch) of a `fid` record, of its class `class_index`'s per-class figures, or the
+    mean of the per-class figures of every class but `other_classes`."""
+    if class_index is None and other_classes is None:
         return record["value"], record.get("class_accuracy", float("nan")), record["epoch"]
     figures = record["per_class"]
-    accuracy = figures.get("class_accuracy", [None] * len(figures["fid"]))[class_index]
-    return tuple(float("nan") if v is None else v for v in (figures["fid"][class_index], accuracy)) + (record["epoch"],)
+    fids = [float("nan") if v is None else v for v in figures["fid"]]
+    accuracies = [float("nan") if v is None else v for v in figures.get("class_accuracy", [None] * len(fids))]
+    if class_index is not None:
+        return fids[class_index], accuracies[class_index], record["epoch"]
+    rest = [c for c in range(len(fids)) if c != other_classes]
+    return float(np.mean([fids[c] for c in rest])), float(np.mean([accuracies[c] for c in rest])), record["epoch"]
 
 
-def collect(run_dirs: list[str], class_index: int | None = None) -> dict:
-    """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}, of one class with class_index."""
+def collect(run_dirs: list[str], class_index: int | None = None, other_classes: int | None = None) -> dict:
+    """{arm: {seed: {step: (proto-FID, accuracy, epoch)}}}, of one class with class_index, of the mean over the
+    others with other_classes."""
+    per_class = class_index is not None or other_classes is not None
     found = []
     for run in run_dirs:
         cfg_path, metrics = os.path.join(run, "config.json"), os.path.join(run, "metrics.jsonl")
         if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
             raise UserError(f"{run} is not a finished run dir (config.json and metrics.jsonl)")
-        points = {r["step"]: point(r, class_index) for r in map(json.loads, open(metrics))
-                  if r.get("event") == "fid" and r.get("step") is not None
-                  and (class_index is None or "per_class" in r)}
+        points = {r["step"]: point(r, class_index, other_classes) for r in map(json.loads, open(metrics))
+                  if r.get("event") == "fid" and r.get("step") is not None and (not per_class or "per_class" in r)}
         if points:
             found.append((json.load(open(cfg_path)), points))
     if not found:
-        raise UserError("no FID records found in the given runs" + ("" if class_index is None else
-                        " with per-class figures (--per_class True)"))
+        raise UserError("no FID records found in the given runs" + (" with per-class figures (--per_class True)"
+                                                                    if per_class else ""))
     with_file = len({cfg.get("path_proto") for cfg, _ in found if cfg["mode"] != "regular"}) > 1
     runs = defaultdict(dict)
     for cfg, points in found:
@@ -86,7 +92,7 @@ def mean_sd(values: np.ndarray) -> tuple[float, float]:
 
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
-    "class_index": unset_or(at_least(0), "all classes together"),
+    **{flag: unset_or(at_least(0), "all classes together") for flag in ("class_index", "other_classes")},
     "thresholds": Rule(lambda v: len(v) > 0 and all(0 <= x <= 1 for x in v), "class accuracies in [0, 1]", "2"),
     **{flag: ANY for flag in ("runs", "out", "baseline", "title")},  # run dirs and the arm are checked when read
 }
@@ -114,7 +120,9 @@ def paired(runs: dict, arms: list[str], base: str, steps: list[int]) -> tuple[li
 
 def main(args: argparse.Namespace) -> None:
     check_flags(args, FLAG_RULES)
-    runs = collect(args.runs, args.class_index)
+    if args.class_index is not None and args.other_classes is not None:
+        raise UserError("give --class_index or --other_classes, not both")
+    runs = collect(args.runs, args.class_index, args.other_classes)
     arms = order(runs)
     for base in args.baseline:
         if base not in runs and base != "regular":  # without the default arm the report simply has no paired table
@@ -192,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to, one table and one row of plots each, e.g. regular 'random_scaled @ norm default'")
     p.add_argument("--class_index", type=int, default=None, help="report this class's per-class proto-FID and "
                    "class accuracy (records written with --per_class True) instead of all classes together")
+    p.add_argument("--other_classes", type=int, default=None, help="report the mean of the per-class proto-FIDs and "
+                   "class accuracies of every class but this one (e.g. next to --class_index 0)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.65],
                    help="class accuracies for the steps-to-threshold table")
     p.add_argument("--title", default="digits: mean over seeds (top), paired differences to each baseline (below)",

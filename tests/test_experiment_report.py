@@ -63,3 +63,18 @@ def test_arms_are_named_by_source_and_file_and_each_baseline_gets_a_table(tmp_pa
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiment_report.py"), str(runs / "r0"),
                         "--baseline", "regular", "nothing"], capture_output=True, text=True, env=run_env())
     assert r.returncode == 2 and "--baseline 'nothing' is none of the arms found: regular" in r.stderr
+
+
+def test_one_class_against_the_mean_of_the_others_and_compat_arms(tmp_path):
+    import experiment_report
+    for name, compat in (("r", "none"), ("p", "padding_idx")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"mode": "regular", "seed": 0, "compat": compat}))
+        figures = {"n": [5, 5, 5], "fid": [1.0, 2.0, None], "class_accuracy": [0.1, 0.5, 0.9]}
+        (run / "metrics.jsonl").write_text(json.dumps({"event": "fid", "epoch": 3, "step": 84, "value": 0.3,
+                                                       "class_accuracy": 0.5, "per_class": figures}) + "\n")
+    runs = [str(tmp_path / "r"), str(tmp_path / "p")]
+    assert experiment_report.collect(runs, class_index=0)["regular --compat padding_idx"][0][84] == (1.0, 0.1, 3)
+    fid, accuracy, _ = experiment_report.collect(runs, other_classes=0)["regular"][0][84]
+    assert accuracy == 0.7 and fid != fid  # the mean of 0.5 and 0.9; a class without an FID makes the mean NaN
