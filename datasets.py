@@ -4,6 +4,7 @@ Names: cifar10, stl10, tiny-imagenet, imagefolder (any folder of class folders),
 bundled 8x8 digits, one channel, works offline) and synthetic (random images for timing train.py; nothing to learn). Splits: `train`, `test`, and `all`, which is what the
 diffusion model trains on (stl10: labelled train + test merged as in the original; digits: all 1797 images).
 """
+import functools
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)  # the original's STL10 normalisation
 
 
+@functools.lru_cache
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A [1, C, 1, 1] constant, copied to the device once rather than at every training step."""
+    with torch.inference_mode(False):  # usable by training even when sampling asked first
+        return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+
 @dataclass(frozen=True)
 class Pixels:
     """How uint8 images become the diffusion model's floats and its samples (clamped to [-1, 1]) uint8 again: by
@@ -67,8 +75,7 @@ class Pixels:
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         channels = like.shape[1]  # the original's constants are per RGB channel
-        return (torch.tensor(self.mean[:channels], device=like.device).view(1, -1, 1, 1),
-                torch.tensor(self.std[:channels], device=like.device).view(1, -1, 1, 1))
+        return _per_channel(self.mean[:channels], like.device), _per_channel(self.std[:channels], like.device)
 
     def encode(self, u8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> the floats the model trains on."""
