@@ -25,9 +25,9 @@ from ema import EMA
 from embedding import ConditionalEmbedding
 from evaluate import Sampler
 from noise import ImageNoise, PhiloxNormals, normals
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_MODES, COMPILE_SCOPE, DEVICE, POSITIVE_LIST,
-                     FastPath, Rule, UserError, above, adamw, at_least, check_flags, int_list, resolve_fast_path,
-                     run_cli, str2bool, unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_MODES, COMPILE_SCOPE, DEVICE, POSITIVE_LIST, Rule,
+                 UserError, above, at_least, check_flags, int_list, run_cli, str2bool, unset_or)
+from speed import FastPath, adamw, resolve_fast_path
 from train_step import TrainStep, make_loss
 from unet import Unet, check_unet_config
 

@@ -21,7 +21,7 @@ from torch import nn
 from compat import Compat
 from ema import EMA
 from embedding import ConditionalEmbedding
-from runtime import UserError
+from cli import UserError
 from unet import Unet
 
 NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}

@@ -7,7 +7,7 @@ FID use, and the conversions between uint8 images and the model's floats (`datas
 from dataclasses import dataclass
 
 from datasets import CIFAR10_MEAN, CIFAR10_STD, Pixels
-from runtime import Rule
+from cli import Rule
 
 BEHAVIOURS = {  # name -> what restoring it does
     "padding_idx": "class 0's table row at zero with no gradient (nn.Embedding padding_idx=0)",

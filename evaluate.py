@@ -24,7 +24,9 @@ from datasets import DatasetError, Pixels, class_grid_labels, load_dataset, save
 from diffusion import GaussianDiffusion, ddim_timesteps
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
 from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
-from runtime import Dist, FastPath, UserError, compile_or_eager
+from cli import UserError
+from distributed import Dist
+from speed import FastPath, compile_or_eager
 
 
 @dataclass

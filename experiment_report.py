@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime import ANY, Rule, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
+from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
 
 MODE_ORDER = ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from scipy import linalg
 
 from datasets import ImageData, to_float
-from runtime import UserError
+from cli import UserError
 
 FEATURES = ("inception", "classifier")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL names this file

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from runtime import ANY, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
+from cli import ANY, UserError, at_least, check_flags, run_cli, unset_or  # noqa: E402
 
 
 def fid_curve(run_dir: str, class_index: int | None = None) -> tuple[str, str, list[int], list[float]]:

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from datasets import to_float
-from runtime import UserError
+from cli import UserError
 
 FORMAT = "protodiffusion-prototypes-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

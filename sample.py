@@ -22,9 +22,11 @@ from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
 from evaluate import Sampler, Scoring, classifier_for, evaluate, few_images_warning, image_labels, reference_path
 from fid import FEATURES, feature_width
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, RunLog, UserError, at_least, check_flags,
-                     finite, one_of, resolve_fast_path, run_cli, setup_distributed, str2bool, teardown_distributed,
-                     unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, UserError, at_least, check_flags, finite, one_of,
+                 run_cli, str2bool, unset_or)
+from distributed import setup_distributed, teardown_distributed
+from runlog import RunLog
+from speed import resolve_fast_path
 
 
 def parse_epochs(spec: str) -> list[int] | None:

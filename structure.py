@@ -18,8 +18,8 @@ from scipy.stats import spearmanr
 
 from checkpoints import latest_checkpoint, load_file
 from datasets import DATASETS, DatasetError, load_dataset
-from runtime import (ANY, DEVICE, NATIVE_OR_SIZE, UserError, check_flags, one_of, run_cli, setup_distributed,
-                     str2bool, unset_or)
+from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, check_flags, one_of, run_cli, str2bool, unset_or
+from distributed import setup_distributed
 
 
 def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,12 @@ from diffusion import GaussianDiffusion, make_betas
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, make_evaluator, sample_grid
-from runtime import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
-                     POSITIVE_LIST, Dist, Rule, RunLog, StopSignal, UserError, above, adamw, at_least, between,
-                     broadcast_object, check_flags, finite, int_list, load_compile_cache, one_of, resolve_fast_path,
-                     run_cli, save_compile_cache, seed_everything, setup_distributed, str2bool, teardown_distributed,
-                     unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
+                 POSITIVE_LIST, Rule, UserError, above, at_least, between, check_flags, finite, int_list, one_of,
+                 run_cli, str2bool, unset_or)
+from distributed import Dist, StopSignal, broadcast_object, seed_everything, setup_distributed, teardown_distributed
+from runlog import NO_BAD_STEP, LossMeter, RunLog, check_finite
+from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
 from train_step import TrainStep, make_loss
 from unet import check_unet_config
 
@@ -384,40 +385,6 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     stop.restore()
     teardown_distributed()
     return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}
-
-
-class LossMeter:
-    """Losses summed on the device, so a step costs no sync; read() syncs once and averages over all ranks."""
-
-    def __init__(self, device: torch.device):
-        self.t0, self.sum, self.n = time.time(), torch.zeros((), device=device), 0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.sum += loss
-        self.n += 1
-
-    def read(self, world: int, batchsize: int) -> tuple[float, float]:
-        """(mean loss over the steps and ranks, images per second since the meter started)."""
-        mean = self.sum / self.n
-        if world > 1:
-            dist.all_reduce(mean)
-            mean /= world
-        return mean.item(), self.n * batchsize * world / (time.time() - self.t0)
-
-
-NO_BAD_STEP = 2 ** 62  # first_bad's value while every loss has been finite
-
-
-def check_finite(first_bad: torch.Tensor, steps_per_epoch: int, world: int = 1) -> None:
-    """Stop every rank with one clear line if any step of any rank so far had a NaN or infinite loss (nothing more
-    is saved)."""
-    if world > 1:
-        first_bad = first_bad.clone()
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    bad = int(first_bad.item())
-    if bad != NO_BAD_STEP:
-        raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
-                        "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
 
 
 def build_parser() -> argparse.ArgumentParser:

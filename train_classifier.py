@@ -15,8 +15,8 @@ from tqdm import tqdm
 from checkpoints import save_atomic
 from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, class_statistics, dce_and_prototype_loss, imagenet_resnet18
-from runtime import (ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli,
-                     seed_everything, setup_distributed, str2bool, teardown_distributed)
+from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli, str2bool
+from distributed import seed_everything, setup_distributed, teardown_distributed
 from structure import HEADER, structure_row, table_structure
 
 

@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from datasets import Pixels
 from diffusion import GaussianDiffusion, drop_condition
 from ema import EMA
-from runtime import Dist, FastPath, compile_or_eager
+from distributed import Dist
+from speed import FastPath, compile_or_eager
 
 
 class DiffusionLoss(nn.Module):

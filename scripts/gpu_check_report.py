@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import build_models  # noqa: E402
-from runtime import int_list  # noqa: E402
+from cli import int_list  # noqa: E402
 
 
 ENTRY_POINTS = ("train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",

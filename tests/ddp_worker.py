@@ -5,7 +5,7 @@ Faults for one rank only, set by environment variables:
   empty cache dir, so that rank's torch.compile cannot build a kernel while the other ranks' can.
 - INF_LOSS_RANK=r, FAULT_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
 - ERROR_RANK=r, FAULT_STEP=k: rank r raises a UserError at step k (the others go on into the next collective).
-Errors reach the user as train.py's do (runtime.run_cli).
+Errors reach the user as train.py's do (cli.run_cli).
 """
 import os
 import stat
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 import train_step  # noqa: E402
-from runtime import UserError, run_cli  # noqa: E402
+from cli import UserError, run_cli  # noqa: E402
 
 if rank in (os.environ.get("INF_LOSS_RANK"), os.environ.get("ERROR_RANK")):
     fault_step, real_call = int(os.environ["FAULT_STEP"]), train_step.TrainStep.__call__

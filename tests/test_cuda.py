@@ -9,7 +9,7 @@ from conftest import TINY
 
 import train
 from diffusion import GaussianDiffusion, linear_betas
-from runtime import adamw
+from speed import adamw
 from checkpoints import build_models
 from evaluate import Sampler, generate
 from unet import Unet
@@ -129,7 +129,7 @@ def test_per_image_seeds_give_the_same_images_for_two_batch_sizes_on_cuda():
 
 def test_the_products_loss_graph_compiles_on_cuda_without_falling_back():
     import train_step
-    from runtime import FastPath
+    from speed import FastPath
     torch.manual_seed(0)
     net = Unet(3, 64, 3, (1, 2, 2), 1, 32).to(CUDA, memory_format=torch.channels_last)
     from embedding import ConditionalEmbedding
@@ -183,7 +183,7 @@ def test_image_noise_has_the_same_bits_on_cpu_and_cuda(compiled):
 
 
 def test_the_samplers_fast_path_follows_eager_fp32_on_cuda():
-    from runtime import FastPath
+    from speed import FastPath
     torch.manual_seed(0)
     net, cemb = Unet(3, 64, 3, (1, 2), 1, 16).to(CUDA).eval(), torch.nn.Embedding(10, 16).to(CUDA)
     diff = GaussianDiffusion(linear_betas(1000), CUDA)

@@ -14,7 +14,7 @@ import plot_fid
 import sample
 import train
 from fid import FeatureStats, dataset_stats, frechet_distance, load_or_make_reference
-from runtime import UserError
+from cli import UserError
 from test_sample import pngs, write_classifier
 
 

@@ -15,7 +15,7 @@ import sample
 import structure
 import train
 import train_classifier
-from runtime import UserError
+from cli import UserError
 
 SCRIPTS = {  # module, the arguments a command needs besides the flag under test
     "train.py": (train, ["--dataset", "digits"]),

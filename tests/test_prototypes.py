@@ -14,7 +14,7 @@ import train
 from checkpoints import build_models
 from datasets import load_dataset
 from prototypes import PrototypeClassifier, dce_and_prototype_loss, imagenet_resnet18, load_classifier, load_prototypes
-from runtime import UserError
+from cli import (UserError)
 
 # The authors' classes, written from their description: a whole ModifiedResNet pickled from a module `Models`.
 AUTHORS_MODELS = textwrap.dedent("""

@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, run_env
 
 import checkpoints
 import train
-from runtime import UserError
+from cli import UserError
 
 
 def main(argv):

@@ -110,7 +110,7 @@ def test_missing_inception_weights_name_the_file_and_folder(run_dir, tmp_path):
     from fid import inception_network
     with mock.patch.dict(os.environ, env), \
             mock.patch("pytorch_fid.inception.load_state_dict_from_url", side_effect=OSError("offline")):
-        from runtime import UserError
+        from cli import UserError
         with pytest.raises(UserError, match=r"pt_inception-2015-12-05-6726825d\.pth.*" + str(tmp_path / "empty")):
             inception_network(None, torch.device("cpu"))
 
@@ -217,7 +217,7 @@ def test_bf16_sampling_changes_images_far_less_than_another_seed(run_dir, tmp_pa
     from evaluate import Sampler, generate
     from fid import FeatureStats, dataset_stats, frechet_distance, make_extractor
     from prototypes import load_classifier
-    from runtime import FastPath
+    from speed import FastPath
     net, cemb, cfg, _ = load_run(run_dir, 2, "ema")
     diff = GaussianDiffusion(linear_betas(1000))
     labels = torch.arange(200) % 10

@@ -12,7 +12,7 @@ from conftest import TINY
 import train
 from checkpoints import build_models
 from diffusion import GaussianDiffusion, linear_betas
-from runtime import adamw, resolve_fast_path
+from speed import adamw, resolve_fast_path
 from unet import Unet
 
 

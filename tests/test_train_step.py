@@ -13,7 +13,7 @@ from conftest import ROOT, TINY, run_env
 import bench
 import train
 from datasets import ShardedBatches, load_dataset
-from runtime import resolve_fast_path
+from speed import resolve_fast_path
 
 
 def test_bench_times_the_step_train_py_runs(tmp_path):

@@ -1,0 +1,66 @@
+"""Rank 0's run log (stdout, log.txt, metrics.jsonl) and what training logs: the mean loss without a per-step
+sync, and the check that every loss so far was finite."""
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cli import UserError
+
+
+class RunLog:
+    """Rank 0's log: lines to stdout and log.txt, records to metrics.jsonl; other ranks stay silent."""
+
+    def __init__(self, run_dir: str | None, active: bool):
+        self.run_dir = run_dir
+        self.active = active
+
+    def line(self, msg: str) -> None:
+        if not self.active:
+            return
+        print(msg, flush=True)
+        if self.run_dir:
+            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+
+    def record(self, **fields: Any) -> None:
+        if self.active and self.run_dir:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+
+class LossMeter:
+    """Losses summed on the device, so a step costs no sync; read() syncs once and averages over all ranks."""
+
+    def __init__(self, device: torch.device):
+        self.t0, self.sum, self.n = time.time(), torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.n += 1
+
+    def read(self, world: int, batchsize: int) -> tuple[float, float]:
+        """(mean loss over the steps and ranks, images per second since the meter started)."""
+        mean = self.sum / self.n
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        return mean.item(), self.n * batchsize * world / (time.time() - self.t0)
+
+
+NO_BAD_STEP = 2 ** 62  # first_bad's value while every loss has been finite
+
+
+def check_finite(first_bad: torch.Tensor, steps_per_epoch: int, world: int = 1) -> None:
+    """Stop every rank with one clear line if any step of any rank so far had a NaN or infinite loss (nothing more
+    is saved)."""
+    if world > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad.item())
+    if bad != NO_BAD_STEP:
+        raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
+                        "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
