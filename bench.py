@@ -100,7 +100,7 @@ def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: 
         opt = adamw(params, 5e-4, 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == torch.float16)
     diffusion = GaussianDiffusion(linear_betas(1000), device)
-    loss, outcome = make_loss(models, diffusion, 0.1, fast, device, example, say)
+    loss, outcome = make_loss(models, diffusion, 0.1, fast, example, say)
     return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast.cudagraphs), outcome
 
 

@@ -1,4 +1,5 @@
-"""Run dirs and checkpoint files: where a run lives on disk, what a checkpoint holds, how its models come back.
+"""Run dirs and checkpoint files: where a run lives on disk, what a checkpoint holds, how a run resumes and how its
+models come back.
 
 A run dir holds `config.json`, `log.txt`, `metrics.jsonl`, `samples/` and `checkpoints/ckpt_{epoch}_checkpoint.pt`
 (the original's name) or `step_{global step}_checkpoint.pt`, plus `last_epoch.pt`, which names the newest.
@@ -18,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cli import UserError
 from compat import Compat
+from distributed import Dist, broadcast_object, seed_everything
 from ema import EMA
 from embedding import ConditionalEmbedding
-from cli import UserError
 from unet import Unet
 
 NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
@@ -232,3 +234,40 @@ def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, step
         for old in saved[:-keep_last]:
             os.remove(os.path.join(ckpt_dir, old))
     return os.path.join(ckpt_dir, name)
+
+
+def make_run_dir(results: str, mode: str, dataset: str, run_dir: str | None, cfg: dict, d: Dist, fresh: bool) -> str:
+    """Rank 0 creates the run dir (`run_dir`, or a new one under `results`) with its config, and tells the others."""
+    run_dir = run_dir or broadcast_object(new_run_dir(results, mode, dataset) if d.is_main else None)
+    if d.is_main:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        if fresh:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+    return run_dir
+
+
+def read_resume(run_dir: str, args: Any, keep: tuple[str, ...]) -> dict:
+    """The run's own flags back into args (all but `keep`, which describe this invocation), and its newest
+    checkpoint."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise UserError(f"--path_resume {run_dir} is not a run dir of this code (no config.json)")
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    for key, value in saved.items():
+        if key not in keep and key in vars(args):
+            setattr(args, key, value)
+    return load_file(latest_checkpoint(run_dir))
+
+
+def restore(state: TrainState, resume: dict, seed: int, d: Dist, say: Any) -> tuple[int, int]:
+    """Optimizer, schedule, EMA and RNG states of a checkpoint; (epoch index, step inside it) to go on from."""
+    state.load_state_dict(resume)
+    start_epoch, skip = resume["epoch"], resume["step"]
+    if len(resume["rng"]) == d.world:
+        set_rng_state(resume["rng"][d.rank])
+    else:  # the data shards differ too, so the continuation is sound but not bit-identical
+        seed_everything((seed + 1 + start_epoch) * d.world + d.rank)
+        say(f"the checkpoint was written by {len(resume['rng'])} process(es), this run has {d.world}: "
+            "continuing with fresh per-rank seeds (not bit-identical to an uninterrupted run)")
+    return start_epoch, skip

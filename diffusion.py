@@ -1,4 +1,7 @@
-"""Gaussian diffusion (SPEC section 3): schedules, q_sample, the training loss, CFG, DDPM and DDIM sampling.
+"""Gaussian diffusion: schedules, q_sample, the training loss, classifier-free guidance, DDPM and DDIM sampling.
+
+The math of DDPM (Ho et al. 2020, eqs. 4, 11, 14), DDIM (Song et al. 2021, eq. 12) and classifier-free guidance
+(Ho & Salimans 2022, eq. 6), with the ProtoDiffusion code's choices (docs/usage.md).
 
 Every random draw of a sampler can come from a `torch.Generator`, or from `noise.ImageNoise`, which draws each
 image's noise from its own seed on the sampling device, so that an image does not depend on the batch it was

@@ -1,15 +1,21 @@
 """The torchrun job: joining it, each process's device, agreements between ranks, per-rank seeds, stop signals."""
+import datetime
 import os
 import random
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from cli import UserError, count_failures_in
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,34 +32,47 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
-    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU, or `backend`); LOCAL_RANK picks the GPU
-    (modulo the GPUs visible, so that a gloo job can put two ranks on one card)."""
+def setup_distributed(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0) -> Dist:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU, or `backend`); LOCAL_RANK picks the GPU.
+
+    Under gloo, ranks beyond the visible GPUs share them (LOCAL_RANK modulo the count: a one-GPU machine can run a
+    2-rank check); NCCL refuses two ranks on one card, so there it is one error line. `timeout_min` bounds every
+    collective: it must outlast the longest work one rank does while the others wait (rank 0's sample grids,
+    checkpoint writes and compile-cache saves).
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
+    if device not in ("cuda", "cpu"):
         raise UserError(f"unknown --device '{device}' (choose auto, cuda or cpu)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible")
     if backend == "auto":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend == "nccl" and dev.type != "cuda":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl" and device != "cuda":
         raise UserError("--dist_backend nccl needs CUDA devices; use gloo on CPU")
+    dev = torch.device("cpu")
+    if device == "cuda":
+        gpus, local_world = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if backend == "nccl" and max(local_world, local_rank + 1) > gpus:
+            raise UserError(f"{max(local_world, local_rank + 1)} processes on this node but {gpus} visible GPU(s): "
+                            "NCCL needs one GPU per process (--nproc_per_node at most the GPU count, or "
+                            "--dist_backend gloo to share cards)")
+        dev = torch.device("cuda", local_rank % gpus)
+        torch.cuda.set_device(dev)
     control = None
     if world > 1 and not dist.is_initialized():
         store, rank, world = next(dist.rendezvous("env://"))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
-        count_failures_in(dist.PrefixStore("protodiffusion/", store))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                device_id=dev if backend == "nccl" else None)
+        # a fresh failure count per elastic restart, or the restarted ranks would all stay silent
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        count_failures_in(dist.PrefixStore(f"protodiffusion/{restart}/", store))
         # stop flags and agreements travel on their own CPU group: no GPU sync, and never queued behind DDP
-        control = dist.new_group(backend="gloo")
+        control = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local_rank, dev, control)
 
 
@@ -74,6 +93,32 @@ def first_rank_failure(reason: str | None, group: Any = None) -> str | None:
     return next((f"rank {rank}: {r}" for rank, r in enumerate(reasons) if r is not None), None)
 
 
+def any_rank(flag: bool, group: Any = None) -> bool:
+    """Whether `flag` holds on any rank of `group` (group None: on this process)."""
+    return first_rank_failure("yes" if flag else None, group) is not None
+
+
+class AgreedFailure(UserError):
+    """A failure that every rank of a job raises together: the first failing rank and why."""
+
+
+def run_agreed(work: Callable[[], T], group: Any = None) -> T:
+    """work() on every rank of `group`, then the ranks agree: if it raised on any of them, every rank raises
+    AgreedFailure naming the lowest failing rank and why, so that no rank enters a collective that another will
+    miss (group None: work() alone, its own exception unchanged)."""
+    if group is None:
+        return work()
+    result, reason = None, None
+    try:
+        result = work()
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    failure = first_rank_failure(reason, group)
+    if failure is not None:
+        raise AgreedFailure(failure)
+    return result
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's value of obj on every rank."""
     if not dist.is_initialized():
@@ -91,18 +136,38 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1 (cluster preemption) so that training can stop at a step boundary."""
+    """Remembers SIGTERM / SIGUSR1 (cluster preemption) so that training can stop at a step boundary; a second
+    signal, a few seconds after the first, ends the process at once, even when it is blocked in a collective."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    REPEAT_S = 2.0  # a signal sent to the job twice at once (torchrun forwarding what SLURM also sent) counts once
 
     def __init__(self, world: int = 1, group: Any = None):
         self.received: str | None = None
         self.world, self.group = world, group
         self.flag, self.pending = torch.zeros(1), None
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        # Python runs handlers only between bytecodes of the main thread, never while it waits inside a collective;
+        # the wakeup fd is written by the C-level handler, so a thread reading it sees every signal regardless
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd)
+        threading.Thread(target=self._watch, daemon=True).start()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
+
+    def _watch(self) -> None:
+        first = None
+        while data := os.read(self.read_fd, 64):
+            for signum in (s for s in data if s in self.SIGNALS):
+                if first is None:
+                    first = time.monotonic()
+                elif time.monotonic() - first > self.REPEAT_S:
+                    print(f"second {signal.Signals(signum).name}: exiting now, without a checkpoint", file=sys.stderr,
+                          flush=True)
+                    os._exit(128 + signum)
+        os.close(self.read_fd)
 
     def poll(self) -> bool:
         """Called once per step by every rank: True on every rank at the same step, once any rank has a signal.
@@ -125,10 +190,12 @@ class StopSignal:
         return stop
 
     def restore(self) -> None:
-        """Finish the all-reduce in flight (every rank started it) and put the previous handlers back."""
+        """Finish the all-reduce in flight (every rank started it), put the previous handlers back and end the
+        watching thread."""
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
+        signal.set_wakeup_fd(self.previous_fd)
+        os.close(self.write_fd)  # the watching thread reads the end of the pipe and returns

@@ -13,19 +13,19 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from cli import UserError
 from datasets import DatasetError, Pixels, class_grid_labels, load_dataset, save_grid, save_png, to_float
 from diffusion import GaussianDiffusion, ddim_timesteps
+from distributed import Dist, run_agreed
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
 from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
-from cli import UserError
-from distributed import Dist
 from speed import FastPath, compile_or_eager
 
 
@@ -154,9 +154,15 @@ class Scoring:
     reference: str  # pytorch-fid .npz of the training set, computed and saved there when missing
     data_root: str
     classifier: nn.Module | None = None  # proto-FID features and class accuracy
+    classifier_file: str | None = None  # where it came from, for the records
     inception_weights: str | None = None
     per_class: bool = False  # also each class's FID against that class's reference statistics
     made: dict = field(default_factory=dict)  # the extractor and the reference, once made
+
+    @property
+    def metric(self) -> str:
+        """FID for Inception features; proto-FID for the classifier's, never called FID."""
+        return "FID" if self.features == "inception" else "proto-FID"
 
     def extractor(self, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
         """(uint8 images -> features, feature width), made once."""
@@ -164,21 +170,25 @@ class Scoring:
             self.made["extractor"] = make_extractor(self.features, device, self.inception_weights, self.classifier)
         return self.made["extractor"]
 
-    def reference_stats(self, cfg: dict, device: torch.device, rank: int, world: int) -> tuple:
-        """(mu, sigma) of the training set and, with per_class, each class's (None: under two images), made once."""
+    def reference_stats(self, cfg: dict, device: torch.device, rank: int, world: int, group: Any = None) -> tuple:
+        """(mu, sigma) of the training set and, with per_class, each class's (None: under two images), made once
+        (by every rank of `group` together, their failures agreed)."""
         if "reference" not in self.made:
             extract, dim = self.extractor(device)
 
-            def from_data(classes: int):
+            def read_training_set():
                 try:
-                    data = load_dataset(cfg["dataset"], "all", self.data_root, cfg["image_size"], False,
+                    return load_dataset(cfg["dataset"], "all", self.data_root, cfg["image_size"], False,
                                         cfg.get("tiny_imagenet_path"))
                 except DatasetError as e:
                     raise UserError(f"reference statistics {self.reference} are missing and the training set "
                                     f"cannot be read: {e}") from None
-                return dataset_stats(data, extract, dim, device, rank, world, classes=classes)
+
+            def from_data(classes: int):
+                data = run_agreed(read_training_set, group)
+                return dataset_stats(data, extract, dim, device, rank, world, classes=classes, group=group)
             self.made["reference"] = load_or_make_reference(self.reference, from_data, rank == 0,
-                                                            cfg["num_classes"] if self.per_class else 0)
+                                                            cfg["num_classes"] if self.per_class else 0, group)
         return self.made["reference"]
 
 
@@ -223,46 +233,52 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
 
 def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, labels: torch.Tensor,
              sampler: Sampler, scoring: Scoring | None, rank: int = 0, world: int = 1, out_dir: str | None = None,
-             keep: frozenset[int] = frozenset(), progress: bool = False) -> dict:
+             keep: frozenset[int] = frozenset(), progress: bool = False, group: Any = None) -> dict:
     """Generate one image per label (this rank's share), optionally write them, and score them.
 
     Returns FID, n and class accuracy when `scoring` is given, and under "kept" this rank's images whose index is
-    in `keep` (for a grid).
+    in `keep` (for a grid). In a job (`group`: its control group) a failure on any rank, before the statistics are
+    summed, raises AgreedFailure on every rank, so that none waits in a sum the failed rank never joins.
     """
     device = diffusion.device
     shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
     classes = cfg["num_classes"]
-    if scoring is not None:
-        extract, dim = scoring.extractor(device)
-        stats = FeatureStats(dim, device, classes if scoring.per_class else 1)
     hits = torch.zeros(classes, 2, dtype=torch.float64, device=device)  # per class: correctly classified, classified
     kept = {}
-    writer = PngWriter(out_dir) if out_dir is not None else None
-    try:
-        for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels, shape,
-                                  sampler, progress):
+
+    def sample_and_extract() -> FeatureStats | None:
+        if scoring is not None:
+            extract, dim = scoring.extractor(device)
+            stats = FeatureStats(dim, device, classes if scoring.per_class else 1)
+        writer = PngWriter(out_dir) if out_dir is not None else None
+        try:
+            for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels,
+                                      shape, sampler, progress):
+                if writer is not None:
+                    writer.write(chunk, u8)
+                kept.update({i: img for i, img in zip(chunk, u8) if i in keep})
+                if scoring is None:
+                    continue
+                chunk_labels = labels[chunk].to(device)
+                stats.add(extract(u8), chunk_labels)
+                if scoring.classifier is not None:
+                    with torch.inference_mode():
+                        _, logits = scoring.classifier(to_float(u8.to(device)))
+                    both = torch.stack([(logits.argmax(1) == chunk_labels).double(),
+                                        torch.ones_like(chunk_labels, dtype=torch.float64)], 1)
+                    hits.index_add_(0, chunk_labels, both)
+        finally:
             if writer is not None:
-                writer.write(chunk, u8)
-            kept.update({i: img for i, img in zip(chunk, u8) if i in keep})
-            if scoring is None:
-                continue
-            chunk_labels = labels[chunk].to(device)
-            stats.add(extract(u8), chunk_labels)
-            if scoring.classifier is not None:
-                with torch.inference_mode():
-                    _, logits = scoring.classifier(to_float(u8.to(device)))
-                both = torch.stack([(logits.argmax(1) == chunk_labels).double(), torch.ones_like(chunk_labels,
-                                                                                               dtype=torch.float64)], 1)
-                hits.index_add_(0, chunk_labels, both)
-    finally:
-        if writer is not None:
-            writer.close()
+                writer.close()
+        return stats if scoring is not None else None
+
+    stats = run_agreed(sample_and_extract, group)
     if scoring is None:
         return {"kept": kept}
     stats.all_reduce()
     if world > 1:
         dist.all_reduce(hits)
-    (mu_ref, sigma_ref), class_refs = scoring.reference_stats(cfg, device, rank, world)
+    (mu_ref, sigma_ref), class_refs = scoring.reference_stats(cfg, device, rank, world, group)
     result = {"fid": frechet_distance(*stats.mu_sigma(), mu_ref, sigma_ref), "n": stats.n, "kept": kept}
     if scoring.classifier is not None:
         result["class_accuracy"] = (hits[:, 0].sum() / hits[:, 1].sum()).item()
@@ -294,28 +310,37 @@ def few_images_warning(n: int, width: int) -> str | None:
             f"biased (upwards) and not comparable with FIDs of more images; use more than {width}")
 
 
+def fid_record(result: dict, scoring: Scoring, sampler: Sampler, T: int, epoch: int, step: int | None,
+               weights: str, compat: str, label: str = "range") -> dict:
+    """The `fid` record of one evaluation, with every setting that moves the number; train.py's periodic records
+    and sample.py's have the same fields."""
+    features = scoring.features if scoring.features == "inception" else \
+        f"classifier {os.path.abspath(scoring.classifier_file)}"
+    record = {"event": "fid", "epoch": epoch, "step": step, "metric": scoring.metric, "value": result["fid"],
+              "n": result["n"], "sampler": "ddim" if sampler.ddim else "ddpm", "steps": sampler.steps(T),
+              "eta": sampler.eta if sampler.ddim else None, "select": sampler.select if sampler.ddim else None,
+              "w": sampler.w, "weights": weights, "compat": compat, "label": label, "seed": sampler.seed,
+              "reference": os.path.abspath(scoring.reference), "features": features}
+    record.update({k: result[k] for k in ("class_accuracy", "per_class") if k in result})
+    return record
+
+
 def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, d: Dist, sampler: Sampler,
-                   say: Callable[[str], None], weights: str = "ema") -> Callable[[nn.Module, nn.Module], dict]:
-    """For train.py --fid_every: (sampling net, class embedding) -> FID record of --fid_num images split across
-    ranks, drawn with the run's sampler."""
+                   say: Callable[[str], None], weights: str = "ema") -> Callable[[nn.Module, nn.Module, int, int], dict]:
+    """For train.py --fid_every: (sampling net, class embedding, epoch, step) -> the fid record of --fid_num images
+    split across ranks, drawn with the run's sampler (a failure on any rank: AgreedFailure on every rank)."""
     path = args.eval_classifier or args.path_proto
     classifier = classifier_for(path).to(d.device) if path else None
     scoring = Scoring(args.fid_features, reference_path(cfg, args.fid_features, args.data_root, path), args.data_root,
-                      classifier, per_class=args.per_class)
+                      classifier, path, per_class=args.per_class)
     labels = image_labels(args.fid_num, cfg["num_classes"], "range", args.seed)
     warning = few_images_warning(args.fid_num, feature_width(args.fid_features, classifier))
     if warning:
         say(f"--fid_num: {warning}")
 
-    def run(net: nn.Module, cemblayer: nn.Module) -> dict:
-        r = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world)
-        out = {"metric": "FID" if args.fid_features == "inception" else "proto-FID", "value": r["fid"], "n": r["n"],
-               "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(diffusion.T), "w": args.w,
-               "weights": weights, "compat": args.compat, "reference": os.path.abspath(scoring.reference),
-               "features": args.fid_features if args.fid_features == "inception"
-               else f"classifier {os.path.abspath(path)}"}
-        out.update({k: r[k] for k in ("class_accuracy", "per_class") if k in r})
-        return out
+    def run(net: nn.Module, cemblayer: nn.Module, epoch: int, step: int) -> dict:
+        result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, group=d.control)
+        return fid_record(result, scoring, sampler, diffusion.T, epoch, step, weights, args.compat)
     return run
 
 

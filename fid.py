@@ -1,4 +1,4 @@
-"""Frechet distances between generated and real images (SPEC section 8).
+"""Frechet distances between generated and real images (FID, Heusel et al. 2017; docs/usage.md, "FID").
 
 Features come from pytorch-fid's InceptionV3 (2048-d pool features, the standard FID) or from the prototype
 classifier's D-d features ("proto-FID", an offline stand-in that is never called FID). Images enter as uint8,
@@ -6,7 +6,7 @@ exactly what the PNGs hold. Only sufficient statistics (count, sum, sum of outer
 ranks; the distance is pytorch-fid's formula and numerics (see `frechet_distance`).
 """
 import os
-from typing import Callable
+from typing import Any, Callable
 from unittest import mock
 
 import numpy as np
@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from scipy import linalg
 
-from datasets import ImageData, to_float
 from cli import UserError
+from datasets import ImageData, to_float
+from distributed import any_rank, run_agreed
 
 FEATURES = ("inception", "classifier")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL names this file
@@ -154,11 +155,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def dataset_stats(data: ImageData, extract: Extractor, dim: int, device: torch.device, rank: int = 0,
-                  world: int = 1, batch: int = 100, classes: int = 1) -> FeatureStats:
-    """Feature statistics of a dataset (per class with classes > 1); ranks take interleaved batches and sum."""
+                  world: int = 1, batch: int = 100, classes: int = 1, group: Any = None) -> FeatureStats:
+    """Feature statistics of a dataset (per class with classes > 1); ranks take interleaved batches and sum (a
+    failure on any rank of `group` is agreed before the sum)."""
     stats = FeatureStats(dim, device, classes)
-    for i in range(rank * batch, len(data.labels), batch * world):
-        stats.add(extract(data.images[i:i + batch]), data.labels[i:i + batch] if classes > 1 else None)
+
+    def add_share() -> None:
+        for i in range(rank * batch, len(data.labels), batch * world):
+            stats.add(extract(data.images[i:i + batch]), data.labels[i:i + batch] if classes > 1 else None)
+    run_agreed(add_share, group)
     stats.all_reduce()
     return stats
 
@@ -187,16 +192,25 @@ def class_reference_path(path: str) -> str:
     return path[:-4] + "_per_class.npz" if path.endswith(".npz") else path + "_per_class.npz"
 
 
-def load_or_make_reference(path: str, make: Callable[[int], FeatureStats], is_main: bool,
-                           classes: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], list | None]:
-    """Reference (mu, sigma) from a pytorch-fid .npz and, with classes > 0, each class's (mu, sigma) from the file
-    beside it; what is missing is computed with `make(classes)` (all ranks, one pass over the data) and saved once.
-    A class with fewer than two images gets None."""
+def read_reference(path: str, classes: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], list | None] | None:
+    """Reference (mu, sigma) from a pytorch-fid .npz and, with classes > 0, each class's from the file beside it
+    (None for a class of fewer than two images); None when a file is missing."""
     whole = read_npz(path, ("mu", "sigma"))
     per_class = read_npz(class_reference_path(path), ("mu", "sigma", "n")) if classes else None
-    if whole is not None and (not classes or per_class is not None):
-        return whole, None if per_class is None else [
-            (per_class[0][c], per_class[1][c]) if per_class[2][c] >= 2 else None for c in range(classes)]
+    if whole is None or (classes and per_class is None):
+        return None
+    return whole, None if per_class is None else [
+        (per_class[0][c], per_class[1][c]) if per_class[2][c] >= 2 else None for c in range(classes)]
+
+
+def load_or_make_reference(path: str, make: Callable[[int], FeatureStats], is_main: bool, classes: int = 0,
+                           group: Any = None) -> tuple[tuple[np.ndarray, np.ndarray], list | None]:
+    """read_reference's statistics; what is missing (on any rank of `group`: a node may lack a shared filesystem)
+    is computed with `make(classes)` (all ranks, one pass over the data) and saved once. Every rank reads before
+    any computes, and a file unreadable on one rank fails the evaluation on all of them."""
+    cached = run_agreed(lambda: read_reference(path, classes), group)
+    if not any_rank(cached is None, group):
+        return cached
     stats = make(max(classes, 1))
     whole = stats.mu_sigma()
     counts = stats.count.cpu().numpy()

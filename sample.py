@@ -20,7 +20,8 @@ from checkpoints import load_epoch, load_run, saved_epochs
 from compat import COMPAT, Compat
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
-from evaluate import Sampler, Scoring, classifier_for, evaluate, few_images_warning, image_labels, reference_path
+from evaluate import (Sampler, Scoring, classifier_for, evaluate, few_images_warning, fid_record, image_labels,
+                      reference_path)
 from fid import FEATURES, feature_width
 from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, UserError, at_least, check_flags, finite, one_of,
                  run_cli, str2bool, unset_or)
@@ -138,14 +139,15 @@ def main(args: argparse.Namespace) -> None:
     per_class = min(10, n // clsnum) if args.label == "range" else 10
     rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
     grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
-    scoring = Scoring(args.fid_features, ref, data_root, classifier, args.inception_weights,
+    scoring = Scoring(args.fid_features, ref, data_root, classifier, clf_path, args.inception_weights,
                       args.per_class) if args.fid else None
     for epoch in epochs:
         position = load_epoch(net, cemblayer, args.path, epoch, weights)
         say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
             f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
         result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
-                          base[epoch] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main)
+                          base[epoch] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main,
+                          group=d.control)
         kept = result["kept"]
         if d.world > 1:  # the grid's few images, from whichever rank drew them
             shares = [None] * d.world
@@ -153,13 +155,13 @@ def main(args: argparse.Namespace) -> None:
             kept = {i: img for share in shares for i, img in share.items()}
         if d.is_main:
             write_outputs(args, result, kept, grid_indices, per_class, base[epoch], write_png, position, sampler,
-                          diffusion.T, w, ref, clf_path, outcomes, spec)
+                          diffusion.T, scoring, outcomes, spec)
     teardown_distributed()
 
 
 def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indices: list[int], per_class: int,
-                  base: str, write_png: bool, position: dict, sampler: Sampler, T: int, w: float, ref: str,
-                  clf_path: str | None, outcomes: list[dict], compat: str) -> None:
+                  base: str, write_png: bool, position: dict, sampler: Sampler, T: int, scoring: Scoring | None,
+                  outcomes: list[dict], compat: str) -> None:
     """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl."""
     epoch = position["epoch"]
     grid_path = base.rstrip("/") + "_grid.png"
@@ -168,20 +170,14 @@ def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indic
         print((f"{args.genum} PNGs -> {base}/, " if write_png else "") + f"class grid -> {grid_path}", flush=True)
     if not args.fid:
         return
-    name = "FID" if args.fid_features == "inception" else "proto-FID"
-    record = {"event": "fid", "epoch": epoch, "step": position["global_step"], "metric": name, "value": result["fid"],
-              "n": result["n"], "sampler": "ddim" if args.ddim else "ddpm", "steps": sampler.steps(T),
-              "eta": args.eta if args.ddim else None, "select": args.select if args.ddim else None, "w": w,
-              "weights": position["weights"], "compat": compat, "label": args.label, "seed": args.seed,
-              "reference": os.path.abspath(ref), "features": args.fid_features if args.fid_features == "inception"
-              else f"classifier {os.path.abspath(clf_path)}"}
-    record.update({k: result[k] for k in ("class_accuracy", "per_class") if k in result})
+    record = fid_record(result, scoring, sampler, T, epoch, position["global_step"], position["weights"], compat,
+                        args.label)
     if outcomes:
         record["compile"] = outcomes
-    line = f"{name} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
-                                           if "class_accuracy" in result else "")
-    print(f"epoch {epoch}: {line} ({result['n']} images, {sampler.name(T)}, w {w}, {position['weights']} weights, "
-          f"reference {ref})", flush=True)
+    line = f"{scoring.metric} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
+                                                     if "class_accuracy" in result else "")
+    print(f"epoch {epoch}: {line} ({result['n']} images, {sampler.name(T)}, w {sampler.w}, {position['weights']} "
+          f"weights, reference {scoring.reference})", flush=True)
     for path in (os.path.join(args.path, f"fid_{epoch}.txt"), os.path.join(args.path, "metrics.jsonl")):
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")

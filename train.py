@@ -10,31 +10,28 @@ Two nodes (run on each, NODE = 0 or 1):
 `--batchsize` is per device, as in the original; the global batch is batchsize x processes.
 """
 import argparse
-import json
 import math
 import os
-import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from compat import COMPAT, Compat
-from checkpoints import (TrainState, build_models, latest_checkpoint, load_file, new_run_dir, run_models,
-                         save_checkpoint, set_rng_state)
-from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
-from diffusion import GaussianDiffusion, make_betas
-from ema import EMA
-from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
-from evaluate import Sampler, make_evaluator, sample_grid
+from checkpoints import (TrainState, build_models, make_run_dir, read_resume, restore, run_models,
+                         save_checkpoint)
 from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
                  POSITIVE_LIST, Rule, UserError, above, at_least, between, check_flags, finite, int_list, one_of,
                  run_cli, str2bool, unset_or)
-from distributed import Dist, StopSignal, broadcast_object, seed_everything, setup_distributed, teardown_distributed
+from compat import COMPAT, Compat
+from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
+from diffusion import GaussianDiffusion, make_betas
+from distributed import AgreedFailure, Dist, StopSignal, seed_everything, setup_distributed, teardown_distributed
+from ema import EMA
+from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
+from evaluate import Sampler, make_evaluator, sample_grid
 from runlog import NO_BAD_STEP, LossMeter, RunLog, check_finite
 from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
-from train_step import TrainStep, make_loss
+from train_step import DiffusionLoss, TrainStep, compile_loss, wrap_ddp
 from unet import check_unet_config
 
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
@@ -43,7 +40,7 @@ MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_sh
 FROZEN = ("proto_frozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last",
-                 "dist_backend")
+                 "dist_backend", "dist_timeout")
 
 
 def _norm_value(v: str) -> bool:
@@ -71,7 +68,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
-    "dist_backend": DIST_BACKEND, "compat": COMPAT,
+    "dist_backend": DIST_BACKEND, "dist_timeout": above(0), "compat": COMPAT,
     **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root",
                               "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
                               "results")},
@@ -133,19 +130,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--fid_every with --fid_features classifier needs --eval_classifier (or --path_proto)")
 
 
-def read_resume(args: argparse.Namespace) -> dict | None:
-    """With --path_resume: the run's own flags back into args, and its newest checkpoint."""
-    if not args.path_resume:
-        return None
-    if not os.path.isfile(os.path.join(args.path_resume, "config.json")):
-        raise UserError(f"--path_resume {args.path_resume} is not a run dir of this code (no config.json)")
-    saved = json.load(open(os.path.join(args.path_resume, "config.json")))
-    for key, value in saved.items():
-        if key not in RUNTIME_FLAGS and key in vars(args):
-            setattr(args, key, value)
-    return load_file(latest_checkpoint(args.path_resume))
-
-
 def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
     """The dataset (decoded once, uint8) and the run config it completes; refuses what does not fit it."""
     try:
@@ -192,19 +176,6 @@ def read_prototypes(args: argparse.Namespace, cfg: dict, device: torch.device) -
     return protos, source
 
 
-def make_run_dir(args: argparse.Namespace, cfg: dict, d: Dist, fresh: bool) -> str:
-    """Rank 0 creates the run dir (or reuses --path_resume) and tells the others."""
-    run_dir = args.path_resume or args.run_dir or broadcast_object(
-        new_run_dir(args.results, args.mode, args.dataset) if d.is_main else None)
-    if d.is_main:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        if fresh:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
-    return run_dir
-
-
 def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos: tuple | None, run_dir: str,
                 log: RunLog) -> nn.ModuleDict:
     """net and cemblayer: the same init on every rank (DDP also broadcasts rank 0's), or the checkpoint's weights."""
@@ -231,27 +202,12 @@ def make_models(args: argparse.Namespace, cfg: dict, resume: dict | None, protos
     return nn.ModuleDict({"net": net, "cemblayer": cemblayer})
 
 
-def restore(state: TrainState, resume: dict, args: argparse.Namespace, d: Dist, run_dir: str,
-            log: RunLog) -> tuple[int, int]:
-    """Optimizer, schedule, EMA and RNG states of the checkpoint; (epoch index, step inside it) to go on from."""
-    state.load_state_dict(resume)
-    start_epoch, skip = resume["epoch"], resume["step"]
-    if len(resume["rng"]) == d.world:
-        set_rng_state(resume["rng"][d.rank])
-    else:  # the data shards differ too, so the continuation is sound but not bit-identical
-        seed_everything((args.seed + 1 + start_epoch) * d.world + d.rank)
-        log.line(f"the checkpoint was written by {len(resume['rng'])} process(es), this run has {d.world}: "
-                 "continuing with fresh per-rank seeds (not bit-identical to an uninterrupted run)")
-    log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
-    return start_epoch, skip
-
-
 def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     """Train; returns this rank's final modules (net, cemblayer, ema) for callers such as tests."""
-    # --- setup and config: torchrun's process group, the run's flags (its own on resume), the speed settings
+    # --- setup: torchrun's process group, the run's flags (its own on resume), the speed settings
     check_flags(args, FLAG_RULES)
-    d = setup_distributed(args.device, args.dist_backend)
-    resume = read_resume(args)
+    d = setup_distributed(args.device, args.dist_backend, args.dist_timeout)
+    resume = read_resume(args.path_resume, args, RUNTIME_FLAGS) if args.path_resume else None
     validate(args)
     compat = Compat.of(args.compat, args.dataset)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode,
@@ -265,7 +221,10 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     labels = data.labels.to(d.device)
     staged = None if on_device else StagedBatches(images, args.batchsize, d.device)
     batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
-    run_dir = make_run_dir(args, cfg, d, fresh=resume is None)
+
+    # --- run dir and log
+    run_dir = make_run_dir(args.results, args.mode, args.dataset, args.path_resume or args.run_dir, cfg, d,
+                           fresh=resume is None)
     log = RunLog(run_dir, d.is_main)
     if note := compat.describe(args.compat):
         log.line(note)
@@ -281,26 +240,36 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                        torch.amp.GradScaler(d.device.type, enabled=fast.amp == torch.float16))  # fp16 only
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.T), d.device, v=args.v, low_t_frac=args.low_t_frac)
 
-    # --- the step: one DDP around both models, then compiled as one graph (a batch of the training shape proves it);
-    # compiles start warm from the run's own cache file when it has one (a resume on another machine)
+    # --- the loss (CFG label drop, timesteps, noise, UNet, eps-MSE), one DDP around it, then compiled as one graph
+    # proven on a batch of the training shape; compiles start warm from the run's own cache file when it has one
+    loss = DiffusionLoss(models, diffusion, args.threshold, fast, compat.pixels)
+    ddp_loss = wrap_ddp(loss, d)
     compile_cache = os.path.join(run_dir, "compile_cache.bin")
     if fast.compile:
         load_compile_cache(compile_cache, log.line)
-    probe = torch.arange(args.batchsize, device=images.device) % len(labels)
-    loss, outcome = make_loss(models, diffusion, args.threshold, fast, d.device,
-                              (images[probe].to(d.device), labels[probe.to(d.device)]), log.line, d, compat.pixels)
-    if outcome is not None:
+        probe = torch.arange(args.batchsize, device=images.device) % len(labels)
+        ddp_loss, outcome = compile_loss(loss, ddp_loss, d, (images[probe].to(d.device), labels[probe.to(d.device)]),
+                                         log.line)
         log.record(event="compile", **outcome)
-    train_step = TrainStep(loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
+    train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
+
+    def save(epoch: int, step_in_epoch: int) -> str:
+        """The checkpoint (every rank hands in its RNG state) and, with compile, rank 0's compile cache."""
+        path = save_checkpoint(run_dir, state, epoch, step_in_epoch, len(batches), cfg, d.world, args.keep_last)
+        if fast.compile and d.is_main:
+            save_compile_cache(compile_cache)
+        return path
 
     # --- resume: optimizer, schedule, EMA, RNG and the position in the data
     start_epoch, skip = 0, 0
     if resume is not None:
-        start_epoch, skip = restore(state, resume, args, d, run_dir, log)
+        start_epoch, skip = restore(state, resume, args.seed, d, log.line)
+        log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank
-    # grids and --fid_every sample the EMA (or with --compat raw_weights the raw) weights through one network,
-    # compiled at its first use for the sampler's batch (a run that stops before its first grid never compiles it)
+
+    # --- evaluation: grids and --fid_every sample the EMA (or with --compat raw_weights the raw) weights through one
+    # network, compiled at its first use for the sampler's batch (a run that stops before its first grid never does)
     sampler = Sampler.from_args(args, fast=fast, pixels=compat.pixels)
     sampled = state.ema.module if compat.weights == "ema" else models
     sampling_net = sampler.prepare(sampled["net"], (cfg["inch"], cfg["image_size"], cfg["image_size"]), args.cdim,
@@ -311,44 +280,35 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
              f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
 
     # --- training loop: nothing reads the device between log steps, so the CPU runs ahead of the GPU
-    stop = StopSignal(d.world, d.control)
-    first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=d.device)  # first step with a non-finite loss
+    guards = Guards(StopSignal(d.world, d.control), args.max_steps, len(batches), d)
     step = start_epoch * len(batches) + skip
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is inside DiffusionLoss
         order = batches.epoch(epoch).to(images.device)  # the epoch's indices reach the data's device once
         epoch_labels = labels[order.to(d.device)]  # and its labels are gathered once, on the training device
-        window, whole_epoch, stopped = LossMeter(d.device), LossMeter(d.device), False
+        window, whole_epoch, why = LossMeter(d.device), LossMeter(d.device), None
         bar = tqdm(range(skip, len(batches)), desc=f"epoch {epoch + 1}/{args.epoch}", disable=not d.is_main,
                    initial=skip, total=len(batches), dynamic_ncols=True, leave=False)
         for i in bar:
             idx = order[i]
-            batch = images[idx] if on_device else staged(idx)
-            step_loss = train_step(batch, epoch_labels[i])
+            step_loss = train_step(images[idx] if on_device else staged(idx), epoch_labels[i])
             step += 1
-            first_bad = torch.where(torch.isfinite(step_loss), first_bad, first_bad.clamp(max=step))
+            guards.watch(step_loss, step)
             window.add(step_loss)
             whole_epoch.add(step_loss)
-            at_log = step % args.log_every == 0
-            if at_log:
-                check_finite(first_bad, len(batches), d.world)  # reading the device: the loop's one sync point
+            if step % args.log_every == 0:
+                guards.check_finite()  # reading the device: the loop's one sync point
                 mean_loss, rate = window.read(d.world, args.batchsize)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 window = LossMeter(d.device)
-            stopped = stop.poll()  # the same answer on every rank at the same step, without a device read
-            if stopped or step == args.max_steps:
-                stopped = True
+            if why := guards.stop_reason(step):
                 break
         bar.close()
-        check_finite(first_bad, len(batches), d.world)
-        if stopped:
-            why = f"{stop.received or 'a signal to another rank'}" if stop.received or step != args.max_steps \
-                else f"--max_steps {args.max_steps}"
-            path = save_checkpoint(run_dir, state, epoch, i + 1, len(batches), cfg, d.world, args.keep_last)
-            if fast.compile and d.is_main:
-                save_compile_cache(compile_cache)
+        guards.check_finite()
+        if why:
+            path = save(epoch, i + 1)
             log.line(f"stopped by {why} at step {step} (epoch {epoch + 1}); checkpoint -> {path}; "
                      f"resume with: python train.py --path_resume {run_dir}")
             break
@@ -365,26 +325,53 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             log.line(f"sample grid ({compat.weights} weights) -> "
                      f"{sample_grid(diffusion, sampling_net, sampled['cemblayer'], cfg, sampler, grid)}")
         if evaluator is not None and (done % args.fid_every == 0 or last):
-            try:
-                result = evaluator(sampling_net, sampled["cemblayer"])
-            except Exception as e:  # days of training are worth more than one evaluation
-                reason = (str(e).strip().splitlines() or [""])[0][:300]
-                log.record(event="fid_error", epoch=done, step=step, error=f"{type(e).__name__}: {reason}")
-                log.line(f"epoch {done}: evaluation failed ({type(e).__name__}: {reason}); training goes on")
-            else:
-                log.record(event="fid", epoch=done, step=step, **result)
-                log.line(f"epoch {done}: {result['metric']} {result['value']:.4f}" +
-                         (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""))
+            evaluate_or_skip(evaluator, sampling_net, sampled["cemblayer"], done, step, log)
         if done % args.interval == 0 or last:
-            path = save_checkpoint(run_dir, state, done, 0, len(batches), cfg, d.world, args.keep_last)
-            log.line(f"checkpoint -> {path}")
-            if fast.compile and d.is_main:
-                save_compile_cache(compile_cache)
+            log.line(f"checkpoint -> {save(done, 0)}")
 
     # --- teardown
-    stop.restore()
+    guards.stop.restore()
     teardown_distributed()
     return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}
+
+
+class Guards:
+    """What ends training early, checked without a per-step device read: a stop signal on any rank (the same step
+    on every rank), --max_steps, and a NaN or infinite loss on any rank (read at log steps and epoch ends)."""
+
+    def __init__(self, stop: StopSignal, max_steps: int, steps_per_epoch: int, d: Dist):
+        self.stop, self.max_steps, self.steps_per_epoch, self.world = stop, max_steps, steps_per_epoch, d.world
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=d.device)  # first non-finite step
+
+    def watch(self, step_loss: torch.Tensor, step: int) -> None:
+        """Remember (on the device) the first step whose loss is not finite."""
+        self.first_bad = torch.where(torch.isfinite(step_loss), self.first_bad, self.first_bad.clamp(max=step))
+
+    def check_finite(self) -> None:
+        check_finite(self.first_bad, self.steps_per_epoch, self.world)
+
+    def stop_reason(self, step: int) -> str | None:
+        """Why training stops after this step, the same answer on every rank; None: it goes on. Called every step."""
+        if self.stop.poll():
+            return self.stop.received or "a signal to another rank"
+        return f"--max_steps {self.max_steps}" if step == self.max_steps else None
+
+
+def evaluate_or_skip(evaluator, net: nn.Module, cemblayer: nn.Module, epoch: int, step: int, log: RunLog) -> None:
+    """One periodic evaluation into metrics.jsonl; one that fails (on any rank: the ranks agree before any sum a
+    failed rank would miss) is recorded and skipped by every rank, since days of training are worth more."""
+    try:
+        record = evaluator(net, cemblayer, epoch, step)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        if not isinstance(e, AgreedFailure):
+            reason = f"{type(e).__name__}: {reason}"
+        log.record(event="fid_error", epoch=epoch, step=step, error=reason)
+        log.line(f"epoch {epoch}: evaluation failed ({reason}); training goes on")
+        return
+    log.record(**record)
+    log.line(f"epoch {epoch}: {record['metric']} {record['value']:.4f}" +
+             (f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--dist_backend", default="auto", help="torchrun's backend: auto (nccl on CUDA, gloo on CPU), "
                    "nccl or gloo (gloo lets several ranks share one GPU, as scripts/gpu_check.sh does)")
+    p.add_argument("--dist_timeout", type=float, default=30.0, help="minutes any collective may wait: it must "
+                   "outlast what rank 0 does alone while the others wait (sample grids with the sampler's first "
+                   "compile, checkpoint writes); a rank that hangs longer ends the job")
     return p
 
 

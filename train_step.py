@@ -40,36 +40,45 @@ class DiffusionLoss(nn.Module):
             return self.diffusion.train_loss(self.models["net"], x0, cond)
 
 
-def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
-              device: torch.device, example: tuple[torch.Tensor, torch.Tensor], say: Callable[[str], None],
-              d: Dist | None = None, pixels: Pixels = Pixels()) -> tuple[nn.Module, dict | None]:
-    """DiffusionLoss, wrapped in DDP when the job has several processes, then compiled when fast.compile asks;
-    returns it with the compile's outcome record (None when no compile was asked for).
+def wrap_ddp(loss: DiffusionLoss, d: Dist | None) -> nn.Module:
+    """One DistributedDataParallel around the whole loss when the job has several processes (both models'
+    gradients are all-reduced during backward); the loss itself in one process."""
+    if d is None or d.world == 1:
+        return loss
+    return DDP(loss, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def compile_loss(loss: DiffusionLoss, ddp_loss: nn.Module, d: Dist | None, example: tuple[torch.Tensor, torch.Tensor],
+                 say: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    """torch.compile around the DDP-wrapped loss, proven on `example` (a batch of the training shape); returns the
+    module to call and the compile's outcome record.
 
     DDP goes inside torch.compile, the order PyTorch documents for the two together: dynamo then splits the graph
-    at DDP's bucket boundaries, so gradient all-reduce overlaps the rest of backward. The compile is proven on
-    `example` (a batch of the training shape) before training starts, forward and backward under DDP's no_sync, so
-    that the probe runs no collective that a rank whose compile failed would not join; the ranks then agree, and if
-    any failed, every rank goes on eager with a fresh DDP around the plain module.
+    at DDP's bucket boundaries, so gradient all-reduce overlaps the rest of backward. The probe runs forward and
+    backward under DDP's no_sync, so that it runs no collective that a rank whose compile failed would not join;
+    the ranks then agree, and if any failed, every rank goes on eager with a fresh DDP around the plain loss.
     """
-    plain = DiffusionLoss(models, diffusion, threshold, fast, pixels)
-    several = d is not None and d.world > 1
-
-    def wrap() -> nn.Module:
-        return DDP(plain, device_ids=[device.index] if device.type == "cuda" else None) if several else plain
-
-    loss = wrap()
-    if not fast.compile:
-        return loss, None
+    fast, several = loss.fast, ddp_loss is not loss
 
     def probe(m: nn.Module) -> None:
-        with loss.no_sync() if several else nullcontext():
+        with ddp_loss.no_sync() if several else nullcontext():
             m(*example).backward()
-    net = models["net"]
+    net = loss.models["net"]
     regions = [*net.downblocks, net.middleblocks, *net.upblocks] if fast.compile_scope == "regional" else None
-    compiled, outcome = compile_or_eager(loss, probe, device, say, fast.compile_mode, "loss",
+    device = example[0].device
+    compiled, outcome = compile_or_eager(ddp_loss, probe, device, say, fast.compile_mode, "loss",
                                          d.control if several else None, regions)
-    return (compiled if outcome["compiled"] else wrap()), outcome
+    return (compiled if outcome["compiled"] else wrap_ddp(loss, d)), outcome
+
+
+def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: float, fast: FastPath,
+              example: tuple[torch.Tensor, torch.Tensor], say: Callable[[str], None], d: Dist | None = None,
+              pixels: Pixels = Pixels()) -> tuple[nn.Module, dict | None]:
+    """The loss train.py calls: DiffusionLoss, wrapped in DDP in a job, then compiled when fast.compile asks;
+    returns it with the compile's outcome record (None when no compile was asked for)."""
+    loss = DiffusionLoss(models, diffusion, threshold, fast, pixels)
+    ddp_loss = wrap_ddp(loss, d)
+    return compile_loss(loss, ddp_loss, d, example, say) if fast.compile else (ddp_loss, None)
 
 
 class TrainStep:

@@ -1,4 +1,5 @@
-"""Conditional UNet of ProtoDiffusion (SPEC section 4); parameter names match the original code."""
+"""Conditional UNet of ProtoDiffusion: the DDPM UNet with attention after every residual block, as the paper's
+code has it; parameter names match the original code, so its checkpoints load."""
 import math
 
 import torch

@@ -76,6 +76,15 @@ def test_padding_idx_keeps_class_0_at_zero_through_training(original_run):
     assert json.load(open(os.path.join(original_run, "config.json")))["compat"] == "original"
 
 
+def test_the_audit_flags_the_original_baselines_class_0_on_a_real_run(original_run):
+    import audit
+    for weights in ("raw", "ema"):
+        (report,) = audit.main(audit.build_parser().parse_args([original_run, "--weights", weights]))
+        assert report["verdict"].startswith("DEAD CLASS ROW: class(es) 0 ")
+        assert [r["zero"] for r in report["classes_rows"]] == [True] + [False] * 9
+        assert all(r["moved"] for r in report["classes_rows"][1:])
+
+
 def test_padding_idx_gives_a_loaded_row_0_no_gradient_only_weight_decay(tmp_path):
     emb = ConditionalEmbedding(10, 16, 16, padding_idx=0)
     set_class_table(emb, torch.randn(10, 16), trainable=True)

@@ -141,14 +141,14 @@ def test_the_products_loss_graph_compiles_on_cuda_without_falling_back():
     fast = FastPath(torch.bfloat16, True, True)
     eager_fast = FastPath(torch.bfloat16, False, True)
     with torch._inductor.config.patch(fallback_random=True):  # the graph's random ops draw what eager draws
-        loss, outcome = train_step.make_loss(models, diff, 0.1, fast, CUDA, batch, print)
+        loss, outcome = train_step.make_loss(models, diff, 0.1, fast, batch, print)
         assert outcome["compiled"], outcome["reason"]
         torch.manual_seed(5)
         compiled = loss(*batch)
         compiled.backward()
     grads = [p.grad.clone() for p in models.parameters()]
     models.zero_grad(set_to_none=True)
-    eager, _ = train_step.make_loss(models, diff, 0.1, eager_fast, CUDA, batch, print)
+    eager, _ = train_step.make_loss(models, diff, 0.1, eager_fast, batch, print)
     torch.manual_seed(5)
     reference = eager(*batch)
     reference.backward()

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT, run_env
 
+import audit
 import bench
 import experiment_report
 import plot_fid
@@ -25,6 +26,7 @@ SCRIPTS = {  # module, the arguments a command needs besides the flag under test
     "plot_fid.py": (plot_fid, ["RUN"]),
     "experiment_report.py": (experiment_report, ["RUN"]),
     "structure.py": (structure, ["TABLE", "--classifier", "CLF"]),
+    "audit.py": (audit, ["RUN"]),
 }
 CASES = [(script, flag, rule.bad) for script, (module, _) in SCRIPTS.items()
          for flag, rule in module.FLAG_RULES.items() if rule.bad is not None]

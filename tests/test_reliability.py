@@ -1,4 +1,4 @@
-"""Exact resume, preemption, atomic checkpoints, NaN stops and the error matrix of SPEC section 10."""
+"""Exact resume, preemption, atomic checkpoints, NaN stops and the error matrix of docs/reliability.md (bad input)."""
 import glob
 import hashlib
 import os
