@@ -101,7 +101,7 @@ def make_train_step(models: torch.nn.ModuleDict, fast: FastPath | None, device: 
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == torch.float16)
     diffusion = GaussianDiffusion(linear_betas(1000), device)
     loss, outcome = make_loss(models, diffusion, 0.1, fast, example, say)
-    return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast.cudagraphs), outcome
+    return TrainStep(loss, models, opt, scaler, EMA(models, 0.9999), fast), outcome
 
 
 def random_batch(args: argparse.Namespace, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,9 +73,14 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     if regions is None:
         compiled = torch.compile(module, **options)
     else:
+        # every region runs through the same forward code object, and dynamo's recompile limit (8 by default)
+        # counts per code object: past it the remaining blocks would run eager without a word
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 2 * len(regions))
         for region in regions:
             region.compile(**options)
         compiled = module
+    limit_hits = recompile_limit_hits()
     t0 = time.time()
     reason = None
     try:
@@ -84,6 +89,8 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 probe(compiled)
+        if recompile_limit_hits() > limit_hits:
+            reason = "dynamo hit its recompile limit: some of the graph would run eager"
     except Exception as e:
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     finally:
@@ -100,6 +107,12 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
         region._compiled_call_impl = None  # what nn.Module.compile set: the region runs eager again
     say(f"torch.compile of the {name} failed ({reason}); continuing eager (--compile False skips the attempt)")
     return module, outcome
+
+
+def recompile_limit_hits() -> int:
+    """How often dynamo gave up on a frame for its recompile limit so far in this process (its counters)."""
+    from torch._dynamo.utils import counters
+    return sum(n for what, n in counters["unimplemented"].items() if "recompile limit" in what.lower())
 
 
 def load_compile_cache(path: str, say: Callable[[str], None]) -> None:

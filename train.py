@@ -251,7 +251,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         ddp_loss, outcome = compile_loss(loss, ddp_loss, d, (images[probe].to(d.device), labels[probe.to(d.device)]),
                                          log.line)
         log.record(event="compile", **outcome)
-    train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast.cudagraphs)
+    train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast)
 
     def save(epoch: int, step_in_epoch: int) -> str:
         """The checkpoint (every rank hands in its RNG state) and, with compile, rank 0's compile cache."""

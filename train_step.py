@@ -32,12 +32,12 @@ class DiffusionLoss(nn.Module):
         self.fast = fast
 
     def forward(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Call it under self.fast.autocast (TrainStep does): autocast stays outside the compiled graph, as on CPU."""
         x0 = self.pixels.encode(images_u8)
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        with self.fast.autocast(x0.device):
-            cond = drop_condition(self.models["cemblayer"](labels), self.threshold)
-            return self.diffusion.train_loss(self.models["net"], x0, cond)
+        cond = drop_condition(self.models["cemblayer"](labels), self.threshold)
+        return self.diffusion.train_loss(self.models["net"], x0, cond)
 
 
 def wrap_ddp(loss: DiffusionLoss, d: Dist | None) -> nn.Module:
@@ -62,7 +62,9 @@ def compile_loss(loss: DiffusionLoss, ddp_loss: nn.Module, d: Dist | None, examp
 
     def probe(m: nn.Module) -> None:
         with ddp_loss.no_sync() if several else nullcontext():
-            m(*example).backward()
+            with fast.autocast(example[0].device):
+                out = m(*example)
+            out.backward()
     net = loss.models["net"]
     regions = [*net.downblocks, net.middleblocks, *net.upblocks] if fast.compile_scope == "regional" else None
     device = example[0].device
@@ -85,17 +87,18 @@ class TrainStep:
     """One optimisation step: loss, backward, optimizer (through the scaler), EMA; returns the detached loss."""
 
     def __init__(self, loss: nn.Module, models: nn.ModuleDict, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, ema: EMA, cudagraphs: bool = False):
+                 scaler: torch.amp.GradScaler, ema: EMA, fast: FastPath):
         self.loss, self.models, self.optimizer, self.scaler, self.ema = loss, models, optimizer, scaler, ema
-        self.cudagraphs = cudagraphs
+        self.fast = fast
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.cudagraphs:
+        if self.fast.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
-        loss = self.loss(images_u8, labels)
+        with self.fast.autocast(images_u8.device):  # mixed precision for the forward pass only
+            loss = self.loss(images_u8, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # fp16 only: the scaler's inf check reads the device here
         self.scaler.update()
         self.ema.update(self.models)
-        return loss.detach().clone() if self.cudagraphs else loss.detach()
+        return loss.detach().clone() if self.fast.cudagraphs else loss.detach()

@@ -24,7 +24,7 @@ CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$CUDA" = 1 ]; then
   MODEL="--modch 64 --chmul 1,2,4,4 --numres 2 --image_size 32 --steps 20 --warmup 5 --sample_timed_steps 10"
   COMPILE=True
-  # batch  compile mode  channels_last  scope; most informative first (batch 128 whole is gpu_check's warm-up,
+  # batch  compile mode  channels_last  scope; most informative first (batch 128 whole is gpu_check's bench row,
   # so its compile is warm); regional compiles only the UNet's blocks: a faster start, steps to be measured
   GRID=("128 default True whole" "256 default True whole" "512 default True whole" "128 default True regional")
   [ "$SWEEP" = sample ] && GRID=("256 default True whole" "512 default True whole" "1024 default True whole"

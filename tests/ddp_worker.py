@@ -5,11 +5,16 @@ Faults for one rank only, set by environment variables:
   empty cache dir, so that rank's torch.compile cannot build a kernel while the other ranks' can.
 - INF_LOSS_RANK=r, FAULT_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
 - ERROR_RANK=r, FAULT_STEP=k: rank r raises a UserError at step k (the others go on into the next collective).
+- HANG_RANK=r, FAULT_STEP=k: rank r sleeps for an hour at step k (the others block in the next collective).
+- EVAL_FAULT_RANK=r: on rank r, every cached FID reference file is unreadable (as on a node without the shared
+  filesystem), so that rank's periodic evaluations fail while the other ranks' would not.
+Every rank writes its process id to OUT/pid{r}.
 Errors reach the user as train.py's do (cli.run_cli).
 """
 import os
 import stat
 import sys
+import time
 
 out = sys.argv[1]
 rank = os.environ["RANK"]
@@ -31,18 +36,27 @@ import train  # noqa: E402
 import train_step  # noqa: E402
 from cli import UserError, run_cli  # noqa: E402
 
-if rank in (os.environ.get("INF_LOSS_RANK"), os.environ.get("ERROR_RANK")):
+open(os.path.join(out, f"pid{rank}"), "w").write(str(os.getpid()))
+if rank in (os.environ.get("INF_LOSS_RANK"), os.environ.get("ERROR_RANK"), os.environ.get("HANG_RANK")):
     fault_step, real_call = int(os.environ["FAULT_STEP"]), train_step.TrainStep.__call__
     steps = [0]
 
     def faulty(self, *a):
         steps[0] += 1
+        if steps[0] >= fault_step and os.environ.get("HANG_RANK") == rank:
+            time.sleep(3600)
         loss = real_call(self, *a)
         if steps[0] >= fault_step and os.environ.get("ERROR_RANK") == rank:
             raise UserError(f"injected failure on rank {rank} at step {steps[0]}")
         return loss * float("inf") if steps[0] >= fault_step else loss
 
     train_step.TrainStep.__call__ = faulty
+if os.environ.get("EVAL_FAULT_RANK") == rank:
+    import fid  # noqa: E402
+
+    def unreadable(path, keys):
+        raise UserError(f"reference statistics {path} are unreadable (injected on rank {rank})")
+    fid.read_npz = unreadable
 
 def main(args) -> None:
     modules = train.main(args)

@@ -90,8 +90,8 @@ COMPILE_TINY = ["--dataset", "digits", "--modch", "32", "--chmul", "1", "--numre
 
 def test_gpu_check_runs_its_steps_on_cpu_and_reports(tmp_path, inductor_cache):
     # without a GPU the same steps run on tiny configs (the CUDA tests skip): this checks the script's plumbing,
-    # and its 2-rank step is this suite's test that compile around DDP on gloo trains, stops and resumes (the
-    # loss compiled on both ranks at the start and at the resume, the grid's noise and network at their first
+    # and its 2-rank step is this suite's test that compile around DDP on gloo trains, stops mid-epoch and resumes
+    # (the loss compiled on both ranks at the start and at the resume, the grid's noise and network at their first
     # use); it pays the suite's cold compile, which the test below reuses
     env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"),
                PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", TORCHINDUCTOR_CACHE_DIR=inductor_cache)
@@ -99,18 +99,39 @@ def test_gpu_check_runs_its_steps_on_cpu_and_reports(tmp_path, inductor_cache):
                        env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.load(open(tmp_path / "out" / "report.json"))
-    assert report["passed"] and set(report["steps"]) == {"preflight", "warmup", "tests", "bench", "train", "resume",
-                                                         "sample"}
+    assert report["passed"] and report["complete"]
+    assert list(report["steps"]) == ["preflight", "train", "resume", "sample", "bench", "tests"]
     assert all(report["train"]["checks"].values()) and report["sample"]["fid_line"].startswith("proto-FID")
-    compiles = {(c["network"], c["compiled"]) for c in report["train"]["compiles"]}
-    assert compiles == {("loss", True), ("per-image noise", True), ("sampling network", True)}
-    assert len(report["train"]["compiles"]) == 4  # the loss at the start and at the resume, the grid's two at the end
-    assert report["warmup"]["rows"]["train step, optimised (amp none, compile False, channels_last True, fused "
-                                    "AdamW)"]["img_per_s"] > 0  # on CPU the warm-up is plumbing only
+    compiles = [(c["step"], c["network"], c["compiled"]) for c in report["compiles"]]
+    assert compiles[:6] == [("train/resume", "loss", True), ("train/resume", "loss", True),
+                            ("train/resume", "per-image noise", True), ("train/resume", "sampling network", True),
+                            ("sample", "per-image noise", True), ("sample", "sampling network", True)]
     assert sum(s["seconds"] for s in report["steps"].values()) <= 540
     assert len(report["bench"]["rows"]) == 3 and "skipped" in report["tests"]["summary"]
     assert report["sample"]["counted"] == 100 and report["bench"]["rows"]["train step, eager fp32"]["img_per_s"] > 0
     assert os.path.isfile(tmp_path / "out" / "profile" / "top_ops.txt")
+
+
+def test_gpu_check_plans_within_its_budget_and_a_killed_check_keeps_its_finished_steps(tmp_path):
+    plan = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--plan", "120"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert plan.returncode == 0 and plan.stdout.splitlines()[-1].startswith("total      500 s of a 540 s budget")
+    assert subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--plan", "200"],
+                          capture_output=True, text=True, cwd=ROOT).returncode != 0  # 660 s: does not fit
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
+               ONLY="preflight,bench")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "bench.log").exists() and time.time() < deadline:  # preflight reported, bench under way
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # as a lease that ends: no chance to write anything more
+    proc.communicate(timeout=60)
+    report = json.load(open(out / "report.json"))
+    assert list(report["steps"]) == ["preflight"] and report["steps"]["preflight"]["rc"] == 0
+    assert not report["complete"] and report["passed"] is None
+    assert "partial" in (out / "summary.txt").read_text()
 
 
 def test_a_compiler_broken_on_one_rank_sends_every_rank_eager_and_the_run_finishes(tmp_path, inductor_cache):
@@ -123,3 +144,60 @@ def test_a_compiler_broken_on_one_rank_sends_every_rank_eager_and_the_run_finish
     assert "failed (rank 1: " in (run / "log.txt").read_text()
     a, b = (torch.load(tmp_path / "out" / f"rank{k}.pt", weights_only=True)["net"] for k in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)  # both ranks trained the same eager model to the end
+
+
+def test_an_evaluation_that_fails_on_one_rank_is_skipped_by_both_and_training_goes_on(tmp_path):
+    from test_sample import write_classifier
+    run = tmp_path / "run"
+    clf = write_classifier(tmp_path / "clf.pt")
+    r = torchrun(tmp_path / "out", TINY + ["--epoch", "2", "--fid_every", "1", "--fid_num", "20", "--fid_features",
+                                           "classifier", "--eval_classifier", str(clf), "--data_root",
+                                           str(tmp_path / "data"), "--run_dir", str(run)], timeout=300,
+                 EVAL_FAULT_RANK="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = records(run, "fid_error")
+    assert [e["epoch"] for e in errors] == [1, 2] and not records(run, "fid")
+    assert all(e["error"].startswith("rank 1: UserError: reference statistics") and "injected on rank 1" in e["error"]
+               for e in errors)
+    assert (run / "log.txt").read_text().count("evaluation failed (rank 1: ") == 2
+    a, b = (torch.load(tmp_path / "out" / f"rank{k}.pt", weights_only=True)["net"] for k in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # both trained on, in step, to the end
+
+
+def test_a_second_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(TORCHRUN + [WORKER, str(out)] + TINY + ["--epoch", "3", "--run_dir", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(run_env(), HANG_RANK="1", FAULT_STEP="3"))
+    try:
+        deadline = time.time() + 120
+        while not (out / "pid0").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        pid = int((out / "pid0").read_text())
+        time.sleep(15)  # rank 1 sleeps from its step 3 on: rank 0 waits in that step's gradient all-reduce
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(3)
+        os.kill(pid, 0)  # still alive: the stop flag waits for a step boundary that never comes
+        t0 = time.time()
+        os.kill(pid, signal.SIGTERM)
+        while time.time() - t0 < 10:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        assert time.time() - t0 < 10, "rank 0 did not end after the second SIGTERM"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert "second SIGTERM: exiting now, without a checkpoint" in err
+
+
+def test_after_an_elastic_restart_the_error_still_reaches_the_user(tmp_path):
+    r = subprocess.run(TORCHRUN[:3] + ["--max-restarts=1"] + TORCHRUN[3:] + [WORKER, str(tmp_path)] + TINY +
+                       ["--epoch", "3", "--results", str(tmp_path / "res")], capture_output=True, text=True,
+                       env=dict(run_env(), ERROR_RANK="1", FAULT_STEP="3"), timeout=600)
+    assert r.returncode != 0
+    # one line per attempt: the failure count is kept per restart, so the restarted job's first failure speaks too
+    assert len([line for line in error_lines(r.stdout + r.stderr) if "injected failure on rank 1" in line]) == 2

@@ -61,3 +61,21 @@ def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
     bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "digits_experiment.sh"), "--dry-run"],
                          capture_output=True, text=True, env=dict(env, ARMS="regular bogus"), cwd=ROOT)
     assert bad.returncode == 2 and "unknown arm 'bogus'" in bad.stderr
+
+
+def test_class0_check_dry_run_trains_the_two_baselines_with_one_seed_and_audits_them(tmp_path):
+    out = str(tmp_path / "check")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "class0_check.sh"), "--dry-run"], capture_output=True,
+                       text=True, env=dict(os.environ, OUT=out, SEED="4"), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert [next(w for w in c if w.endswith(".py")) for c in commands] == [
+        "train_classifier.py", "train.py", "sample.py", "train.py", "sample.py", "audit.py"]
+    clf = train_classifier.build_parser().parse_args(commands[0][2:])
+    runs = [train.build_parser().parse_args(c[2:]) for c in commands if c[1] == "train.py"]
+    assert clf.seed == 1 and [(a.mode, a.compat, a.seed) for a in runs] == [("regular", "none", 4),
+                                                                            ("regular", "padding_idx", 4)]
+    assert all(vars(a) == dict(vars(runs[0]), compat=a.compat, run_dir=a.run_dir) for a in runs)  # one seed, one setup
+    scores = [sample.build_parser().parse_args(c[2:]) for c in commands if c[1] == "sample.py"]
+    assert all(s.per_class and s.eval_classifier == clf.out and s.epoch == str(runs[0].epoch) for s in scores)
+    assert commands[-1][2:] == [a.run_dir for a in runs] and not os.path.exists(out)

@@ -162,3 +162,34 @@ def test_grids_and_periodic_fid_do_not_recompile(tmp_path, compiled_graphs):
     # one graph for the training step, then one for the noise of the sampler's batch and one for the sampling
     # network of grids and FID; three epochs add none
     assert graphs[:once] == ["network", "noise", "network"] and graphs[once:] == graphs[:once]
+
+
+@torch._dynamo.config.patch(recompile_limit=8)  # dynamo's default, restored after the test
+def test_regional_compile_compiles_every_block_past_dynamos_recompile_limit(compiled_graphs):
+    import train_step
+    from embedding import ConditionalEmbedding
+    from speed import FastPath
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    net = Unet(3, 32, 3, (1, 2, 2, 2), 1, 16)  # 17 regions: one forward code object, 17 block configurations
+    models = torch.nn.ModuleDict({"net": net, "cemblayer": ConditionalEmbedding(10, 16, 16)}).train()
+    batch = (torch.randint(256, (4, 3, 16, 16), dtype=torch.uint8), torch.arange(4))
+    counters.clear()
+    fast = FastPath(None, True, False, compile_scope="regional")
+    loss, outcome = train_step.make_loss(models, GaussianDiffusion(linear_betas(1000), "cpu"), 0.1, fast, batch,
+                                         lambda line: None)
+    assert outcome["compiled"] and outcome["scope"] == "regional", outcome
+    # every frame dynamo met compiled (none left eager at the limit), more of them than the default limit allows
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 8 and len(compiled_graphs) > 8
+    assert not counters["unimplemented"]
+
+
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_a_recompile_limit_hit_is_seen():
+    from speed import recompile_limit_hits
+    torch._dynamo.reset()
+    before = recompile_limit_hits()
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    for n in (1, 2, 3):
+        f(torch.ones(n))
+    assert recompile_limit_hits() > before
