@@ -65,12 +65,13 @@ def setup_distributed(device: str = "auto", backend: str = "auto", timeout_min: 
     control = None
     if world > 1 and not dist.is_initialized():
         store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun's store outlives an elastic restart: each attempt's keys (the process groups' addresses, the
+        # failure count) go under a prefix of their own, or a restarted rank would read a dead peer's address
+        store = dist.PrefixStore(f"protodiffusion/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         timeout = datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=dev if backend == "nccl" else None)
-        # a fresh failure count per elastic restart, or the restarted ranks would all stay silent
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        count_failures_in(dist.PrefixStore(f"protodiffusion/{restart}/", store))
+        count_failures_in(store)  # so the restarted job's first failure speaks too
         # stop flags and agreements travel on their own CPU group: no GPU sync, and never queued behind DDP
         control = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local_rank, dev, control)

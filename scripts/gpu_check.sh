@@ -114,7 +114,7 @@ esac
 case ",$ONLY," in *,sample,*)
   # the trained run's last epoch at the grid's batch and sampler settings: the sampling network's graph is warm
   step sample $TORCHRUN --nproc_per_node=1 sample.py --path "$WORK/run" --epoch $EPOCHS --ddim True --num_steps 20 \
-    --genum $GENUM --genbatch $GRID_BATCH --fid True $FEATURES --data_root "$WORK/data" --png False ;;
+    --genum $GENUM --genbatch $GRID_BATCH --compile True --fid True $FEATURES --data_root "$WORK/data" --png False ;;
 esac
 case ",$ONLY," in *,bench,*)
   step bench $PY bench.py $BENCH --profile "$OUT_DIR/profile" --json ;;

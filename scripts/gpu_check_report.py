@@ -1,5 +1,6 @@
 """Helpers of scripts/gpu_check.sh and gpu_tune.sh: the preflight, random scorers for an offline FID, the report of
-the check (rewritten after every step), and the table of the tuning sweep.
+the check (rewritten after every step, so it imports no torch: a second, not several), and the table of the
+tuning sweep.
 
     python scripts/gpu_check_report.py preflight WORK
     python scripts/gpu_check_report.py random-scorers WORK
@@ -15,8 +16,6 @@ import sys
 import time
 from unittest import mock
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -29,6 +28,7 @@ def preflight(work: str) -> int:
     C++ compiler (inductor on CPU), triton and free memory on CUDA; pytorch-fid is optional. Non-zero if one fails."""
     import importlib
     import shutil
+    import torch
     lines, failures = [], []
     version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
     lines.append(f"torch {torch.__version__} (cuda {torch.version.cuda})")
@@ -81,6 +81,7 @@ def random_scorers(work: str) -> None:
     """WORK/random_classifier.pt (a random prototype classifier: proto-FID features) and, where pytorch-fid is
     installed, WORK/random_inception.pth (random weights in its layout), so that the sample step scores offline.
     Scoring costs the same whatever the weights."""
+    import torch
     from prototypes import FORMAT, PrototypeClassifier
     torch.manual_seed(0)
     clf = PrototypeClassifier(10, 128)

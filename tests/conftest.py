@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -45,3 +46,24 @@ def compiled_graphs(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
     torch._dynamo.reset()
     return graphs
+
+
+def run_program(script: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """A program's command line run in this process as `python script args` runs it (run_cli: parse, main, the
+    one-line error path), with `env` added to the environment: its exit status, stdout and stderr. A subprocess
+    costs seconds of imports; the tests that are about processes (torchrun, signals, scripts) keep them."""
+    import contextlib
+    import importlib
+    import io
+    from unittest import mock
+    from cli import run_cli
+    module = importlib.import_module(script[:-len(".py")])
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", [os.path.join(ROOT, script)] + list(args)), \
+            mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(module.main, module.build_parser())
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

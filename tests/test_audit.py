@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_program
 
 import audit
 from cli import UserError
@@ -113,8 +113,7 @@ def test_what_cannot_be_read_is_one_error_line_and_no_code_runs(tmp_path):
     torch.save({"cemblayer": Evil()}, tmp_path / "evil.pt")
     for name, message in [("garbage.pt", "cannot read checkpoint"), ("no_table.pt", "holds no class conditioning"),
                           ("evil.pt", "cannot read checkpoint"), ("missing", "does not exist")]:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "audit.py"), str(tmp_path / name)],
-                           capture_output=True, text=True, env=run_env(), timeout=120)
+        r = run_program("audit.py", [str(tmp_path / name)])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()

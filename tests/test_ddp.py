@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, run_env
@@ -127,6 +128,12 @@ def test_gpu_check_plans_within_its_budget_and_a_killed_check_keeps_its_finished
     while not (out / "bench.log").exists() and time.time() < deadline:  # preflight reported, bench under way
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # as a lease that ends: no chance to write anything more
+    for pid in os.listdir("/proc"):  # the step under `timeout`, which runs in a process group of its own
+        try:
+            if str(out).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
     proc.communicate(timeout=60)
     report = json.load(open(out / "report.json"))
     assert list(report["steps"]) == ["preflight"] and report["steps"]["preflight"]["rc"] == 0
@@ -168,7 +175,7 @@ def test_a_second_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(TORCHRUN + [WORKER, str(out)] + TINY + ["--epoch", "3", "--run_dir", str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(run_env(), HANG_RANK="1", FAULT_STEP="3"))
     try:
         deadline = time.time() + 120
@@ -188,8 +195,13 @@ def test_a_second_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
                 break
             time.sleep(0.1)
         assert time.time() - t0 < 10, "rank 0 did not end after the second SIGTERM"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # torchrun starts each worker in a session of its own: end rank 1 (still asleep) and torchrun
+        for rank_pid in out.glob("pid*"):
+            try:
+                os.kill(int(rank_pid.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
         _, err = proc.communicate(timeout=60)
     assert "second SIGTERM: exiting now, without a checkpoint" in err
 
@@ -201,3 +213,18 @@ def test_after_an_elastic_restart_the_error_still_reaches_the_user(tmp_path):
     assert r.returncode != 0
     # one line per attempt: the failure count is kept per restart, so the restarted job's first failure speaks too
     assert len([line for line in error_lines(r.stdout + r.stderr) if "injected failure on rank 1" in line]) == 2
+
+
+def test_more_nccl_processes_than_gpus_is_one_error_naming_both(monkeypatch):
+    from cli import UserError
+    from distributed import setup_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with one GPU, as CUDA would report it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("bound a GPU before refusing"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"^2 processes on this node but 1 visible GPU\(s\): NCCL needs one GPU"):
+        setup_distributed("cuda", "nccl")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    d = setup_distributed("cuda", "gloo")  # gloo may share the card: rank 1 on GPU 0
+    assert d.device == torch.device("cuda", 0)

@@ -1,10 +1,7 @@
 """experiment_report.py: paired differences and steps to threshold against hand computations."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT, run_env
+from conftest import run_program
 
 
 def write_run(path, mode, norm, seed, accuracies, fids, **table):
@@ -23,8 +20,7 @@ def test_paired_differences_and_steps_to_threshold(tmp_path):
     write_run(runs / "r1", "regular", "keep", 1, [0.3, 0.4], [2.0, 2.0])
     write_run(runs / "p0", "proto_frozen", "default", 0, [0.1, 0.7], [3.5, 0.5])
     write_run(runs / "p1", "proto_frozen", "default", 1, [0.4, 0.6], [1.0, 1.5])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiment_report.py"), *map(str, sorted(runs.iterdir())),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=run_env())
+    r = run_program("experiment_report.py", [*map(str, sorted(runs.iterdir())), "--out", str(tmp_path / "out")])
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "out" / "table.md").read_text()
     # step 168: accuracy differences +10 and +20 points -> +15.0 ± 7.1, ahead on 2/2; FID -0.5, -0.5 -> 2/2 ahead
@@ -46,9 +42,8 @@ def test_arms_are_named_by_source_and_file_and_each_baseline_gets_a_table(tmp_pa
         write_run(runs / f"b{seed}", "proto_frozen", "default", seed, [acc], [2.0], path_proto="x/b.pt")
         write_run(runs / f"x{seed}", "random_scaled", "default", seed, [acc + 0.05], [1.9], path_proto="x/a.pt")
     means, rnd = "proto_frozen means @ norm default [a]", "random_scaled @ norm default [a]"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiment_report.py"), *map(str, sorted(runs.iterdir())),
-                        "--out", str(tmp_path / "out"), "--baseline", "regular", rnd],
-                       capture_output=True, text=True, env=run_env())
+    r = run_program("experiment_report.py", [*map(str, sorted(runs.iterdir())), "--out", str(tmp_path / "out"),
+                                             "--baseline", "regular", rnd])
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "out" / "table.md").read_text()
     assert ("| step | regular | proto_frozen @ norm default [a] | proto_frozen @ norm default [b] | "
@@ -60,8 +55,7 @@ def test_arms_are_named_by_source_and_file_and_each_baseline_gets_a_table(tmp_pa
     # to random directions: regular -5 points and +0.1 FID; means -5 and +25 points -> +10.0 ± 21.2
     assert "| 84 | -5.0 ± 0.0 (0/2) / +0.10 ± 0.00 (0/2) | +5.0 ± 0.0 (2/2) / -0.40 ± 0.00 (2/2) | " \
            "-5.0 ± 0.0 (0/2) / +0.10 ± 0.00 (0/2) | +10.0 ± 21.2 (1/2) / -0.90 ± 0.00 (2/2) |" in to_random
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiment_report.py"), str(runs / "r0"),
-                        "--baseline", "regular", "nothing"], capture_output=True, text=True, env=run_env())
+    r = run_program("experiment_report.py", [str(runs / "r0"), "--baseline", "regular", "nothing"])
     assert r.returncode == 2 and "--baseline 'nothing' is none of the arms found: regular" in r.stderr
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_program
 
 import audit
 import bench
@@ -59,10 +59,19 @@ def test_a_bad_value_is_refused_before_anything_is_written(tmp_path, monkeypatch
     ("sample.py", ["--path", "RUN", "--genbatch", "0"]), ("sample.py", ["--path", "RUN", "--eta", "-1"]),
     ("train.py", ["--dataset", "digits", "--clsnum", "0"]), ("plot_fid.py", ["RUN", "--title", "t", "--out", "o.png"]),
     ("experiment_report.py", ["RUN", "--thresholds", "0.5", "1.5"]), ("bench.py", ["--rows", "train,fast"]),
+    ("audit.py", ["RUN", "--weights", "best"]),
 ])
-def test_one_error_line_exit_2_no_traceback_nothing_written(tmp_path, script, flags):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script)] + flags, capture_output=True, text=True,
-                       env=run_env(), timeout=300, cwd=tmp_path)
+def test_one_error_line_exit_2_no_traceback_nothing_written(tmp_path, monkeypatch, script, flags):
+    monkeypatch.chdir(tmp_path)
+    r = run_program(script, flags)
+    lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_refused_flag_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "digits", "--clsnum", "0"],
+                       capture_output=True, text=True, env=run_env(), timeout=300, cwd=tmp_path)
     lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
     assert r.returncode == 2 and len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())

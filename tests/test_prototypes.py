@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_program
 
 import train
 from checkpoints import build_models
@@ -97,9 +97,8 @@ def test_a_pickle_with_another_callable_is_refused_unexecuted(tmp_path, tiny_arg
     evil_pickle(bad, marker)
     with pytest.raises(UserError, match="refused.*system"):
         load_prototypes(str(bad))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + tiny_args +
-                       ["--mode", "proto_frozen", "--path_proto", str(bad), "--results", str(tmp_path / "res")],
-                       capture_output=True, text=True, env=run_env())
+    r = run_program("train.py", tiny_args + ["--mode", "proto_frozen", "--path_proto", str(bad), "--results",
+                                             str(tmp_path / "res")])
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
 
@@ -190,9 +189,8 @@ def test_prototypes_of_the_wrong_shape_are_refused(tmp_path, tiny_args, shape):
 
 def test_train_classifier_writes_a_weights_only_checkpoint(tmp_path):
     out = tmp_path / "proto.pt"
-    cmd = [sys.executable, os.path.join(ROOT, "train_classifier.py"), "--dataset", "digits", "--pretrained", "False",
-           "--epoch", "1", "--batchsize", "256", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    cmd = ["--dataset", "digits", "--pretrained", "False", "--epoch", "1", "--batchsize", "256", "--out", str(out)]
+    r = run_program("train_classifier.py", cmd)
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
     ckpt = torch.load(out, weights_only=True)
@@ -214,7 +212,7 @@ def test_train_classifier_writes_a_weights_only_checkpoint(tmp_path):
     protos, source = load_prototypes(str(out))
     assert torch.equal(protos, ckpt["prototypes"]) and source == "protodiffusion checkpoint"
     before = out.read_bytes()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    r = run_program("train_classifier.py", cmd)
     assert r.returncode == 2 and "already exists" in r.stderr and out.read_bytes() == before
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_env
+from conftest import ROOT, TINY, run_env, run_program
 
 import checkpoints
 import train
@@ -123,9 +123,7 @@ def test_keep_last_prunes_only_after_a_new_checkpoint(tmp_path):
 
 def test_a_nan_loss_stops_with_step_and_epoch_and_saves_nothing(tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + TINY +
-                       ["--epoch", "2", "--interval", "1", "--lr", "1e30", "--run_dir", str(run)],
-                       capture_output=True, text=True, env=run_env())
+    r = run_program("train.py", TINY + ["--epoch", "2", "--interval", "1", "--lr", "1e30", "--run_dir", str(run)])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert "error:" in line and "NaN or infinite at step" in line and "(epoch 1)" in line
@@ -180,12 +178,19 @@ MATRIX = [
 @pytest.mark.parametrize("script,args,msg", MATRIX, ids=[f"{s}:{m}" for s, _, m in MATRIX])
 def test_error_matrix(disk, script, args, msg):
     before = snapshot(str(disk))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script)] + [a.format(d=disk) for a in args],
-                       capture_output=True, text=True, env=run_env(), timeout=300)
+    r = run_program(script, [a.format(d=disk) for a in args])
     assert r.returncode != 0
     lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
     assert "Traceback" not in r.stderr and len(lines) == 1 and "error:" in lines[0] and msg in lines[0], r.stderr
     assert snapshot(str(disk)) == before
+
+
+def test_the_error_path_of_a_real_process(disk):
+    """One case of the matrix as its own process: the exit status and stderr the user sees."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--path", f"{disk}/corrupt"] + SAMPLE_OK,
+                       capture_output=True, text=True, env=run_env(), timeout=300)
+    lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "corrupt" in lines[0] and "Traceback" not in r.stderr
 
 
 RANGES = [  # (script, flags, the start of the error line)
@@ -217,9 +222,9 @@ def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, monkeypatc
 @pytest.mark.parametrize("script,args", [(T, ["--lr", "nan", "--results", "{d}/res"]),
                                          (C, ["--dataset", "digits", "--epoch", "0", "--out", "{d}/c.pt"]),
                                          ("bench.py", ["--batchsize", "0"])])
-def test_out_of_range_flags_give_one_error_line(tmp_path, script, args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script)] + [a.format(d=tmp_path) for a in args],
-                       capture_output=True, text=True, env=run_env(), timeout=300, cwd=tmp_path)
+def test_out_of_range_flags_give_one_error_line(tmp_path, monkeypatch, script, args):
+    monkeypatch.chdir(tmp_path)
+    r = run_program(script, [a.format(d=tmp_path) for a in args])
     lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line]
     assert r.returncode == 2 and len(lines) == 1 and "must be" in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())

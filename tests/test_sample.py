@@ -10,12 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, run_env
+from conftest import ROOT, TINY, run_env, run_program
 
 import train
 from unet import Unet
-
-SAMPLE = [sys.executable, os.path.join(ROOT, "sample.py")]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +37,12 @@ def random_inception_home(tmp_path_factory):
 
 
 def sample(args, env=None, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              os.path.join(ROOT, "sample.py")] if torchrun else SAMPLE
-    return subprocess.run(prefix + args, capture_output=True, text=True, env=env or run_env(), timeout=600)
+    """sample.py's command line: under torchrun with 2 processes, or in this process."""
+    if not torchrun:
+        return run_program("sample.py", args, env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "sample.py")] + args, capture_output=True, text=True,
+                          env=env or run_env(), timeout=600)
 
 
 def pngs(folder):
@@ -178,8 +179,7 @@ def test_train_fid_every_records_proto_fid_and_plot(tmp_path):
     # 2 images per class: each class's FID is defined (if biased) and its accuracy is a share of 2
     assert all(r["per_class"]["n"] == [2] * 10 and len(r["per_class"]["fid"]) == 10 for r in fids)
     assert all(a in (0, 0.5, 1) for r in fids for a in r["per_class"]["class_accuracy"])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "plot_fid.py"), run, run, "--out", str(tmp_path / "p.png")],
-                       capture_output=True, text=True, env=run_env())
+    r = run_program("plot_fid.py", [run, run, "--out", str(tmp_path / "p.png")])
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "p.png").size[0] > 100
 

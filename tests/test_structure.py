@@ -1,14 +1,11 @@
 """structure.py and class_statistics: the class-structure figures against tables whose structure is known by
 construction, closed forms and hand counts."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_env
+from conftest import run_program
 
 from prototypes import FORMAT, PrototypeClassifier, class_statistics
 from structure import confusion_similarity, off_diagonal, table_structure
@@ -108,16 +105,15 @@ def test_structure_command_reports_files_and_run_tables(tmp_path):
     table, confusion = two_clusters(noise=0.005)
     write_reference(tmp_path / "clf.pt", confusion, means=table, protos=torch.randn(C, D))
     write_run(tmp_path / "run-s0", table)
-    cmd = [sys.executable, os.path.join(ROOT, "structure.py"), str(tmp_path / "clf.pt"), str(tmp_path / "run-s0"),
-           "--classifier", str(tmp_path / "clf.pt"), "--out", str(tmp_path / "s.md")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    cmd = [str(tmp_path / "clf.pt"), str(tmp_path / "run-s0"), "--classifier", str(tmp_path / "clf.pt"), "--out",
+           str(tmp_path / "s.md")]
+    r = run_program("structure.py", cmd)
     assert r.returncode == 0, r.stderr
     rows = {line.split(" | ")[0][2:]: line for line in r.stdout.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"clf.pt centres", "clf.pt class means", "run-s0"}
     assert rows["run-s0"].endswith("| +0.86 | +1.00 |") and rows["clf.pt class means"].endswith("| +0.86 | +1.00 |")
     assert "20 of 45 class pairs ever confused" in r.stdout and (tmp_path / "s.md").read_text() in r.stdout + "\n"
     torch.save({"format": FORMAT, "prototypes": table}, tmp_path / "old.pt")
-    r = subprocess.run(cmd[:-4] + ["--classifier", str(tmp_path / "old.pt")], capture_output=True, text=True,
-                       env=run_env())
+    r = run_program("structure.py", cmd[:-4] + ["--classifier", str(tmp_path / "old.pt")])
     assert r.returncode == 2 and "stores no confusion matrix and class means; pass --dataset" in r.stderr
     assert "Traceback" not in r.stderr

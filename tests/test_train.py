@@ -9,15 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_program
 
 import train
 from checkpoints import build_models
 
 
-def run(args, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
-                          env=run_env(), timeout=600, **kw)
+def run(args):
+    return run_program("train.py", args)
 
 
 def only_run_dir(results):
@@ -122,6 +121,6 @@ def test_original_readme_flags_parse_and_fail_clearly_offline(tmp_path):
     (["--ddim", "maybe"], "expected True/False"),
 ])
 def test_bad_flags_get_one_error_line(tmp_path, tiny_args, flags, msg):
-    r = run(tiny_args + flags + ["--epoch", "1", "--results", str(tmp_path)])
+    r = run_program("train.py", tiny_args + flags + ["--epoch", "1", "--results", str(tmp_path)])
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())

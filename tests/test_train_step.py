@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_env
+from conftest import ROOT, TINY, run_env, run_program
 
 import bench
 import train
@@ -84,9 +84,7 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(tmp_path, 
     # the training step, then at the grid the noise (always the default mode: its output is kept across calls)
     # and the sampling network
     assert modes == ["reduce-overhead", None, "reduce-overhead"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + TINY +
-                       ["--compile_mode", "fastest", "--results", str(tmp_path / "res")],
-                       capture_output=True, text=True, env=run_env(), timeout=300)
+    r = run_program("train.py", TINY + ["--compile_mode", "fastest", "--results", str(tmp_path / "res")])
     assert r.returncode == 2 and "--compile_mode" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "res").exists()
 
