@@ -42,10 +42,13 @@ class DiffusionLoss(nn.Module):
 
 def wrap_ddp(loss: DiffusionLoss, d: Dist | None) -> nn.Module:
     """One DistributedDataParallel around the whole loss when the job has several processes (both models'
-    gradients are all-reduced during backward); the loss itself in one process."""
+    gradients are all-reduced during backward); the loss itself in one process.
+
+    Gradients are views into DDP's buckets (no copy per step: 4-5% faster on 2 gloo ranks, docs/performance.md);
+    the 25 MB buckets and a dynamic graph stay DDP's defaults, which measured no different there."""
     if d is None or d.world == 1:
         return loss
-    return DDP(loss, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return DDP(loss, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def compile_loss(loss: DiffusionLoss, ddp_loss: nn.Module, d: Dist | None, example: tuple[torch.Tensor, torch.Tensor],
