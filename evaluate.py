@@ -4,7 +4,8 @@ Image i's noise comes from seed `seed + i` alone (noise.ImageNoise, drawn on the
 do not depend on the batch size or on the number of processes; each rank samples every world-th image and only
 feature statistics (and a grid's few images) travel between ranks. PNGs are encoded in a thread pool while the
 device samples the next batch.
-Used by sample.py (a saved run) and train.py (EMA grids and --fid_every during training).
+Used by sample.py (a saved run) and train.py (EMA grids and --fid_every during training, whose failures are
+agreed, recorded and skipped).
 """
 import argparse
 import hashlib
@@ -23,9 +24,10 @@ from tqdm import tqdm
 from cli import UserError
 from datasets import DatasetError, Pixels, class_grid_labels, load_dataset, save_grid, save_png, to_float
 from diffusion import GaussianDiffusion, ddim_timesteps
-from distributed import Dist, run_agreed
+from distributed import AgreedFailure, Dist, run_agreed
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
 from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
+from runlog import RunLog
 from speed import FastPath, compile_or_eager
 
 
@@ -342,6 +344,24 @@ def make_evaluator(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffu
         result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, group=d.control)
         return fid_record(result, scoring, sampler, diffusion.T, epoch, step, weights, args.compat)
     return run
+
+
+def evaluate_or_skip(evaluator: Callable[[nn.Module, nn.Module, int, int], dict], net: nn.Module,
+                     cemblayer: nn.Module, epoch: int, step: int, log: RunLog) -> None:
+    """One periodic evaluation into metrics.jsonl; one that fails (on any rank: the ranks agree before any sum a
+    failed rank would miss) is recorded and skipped by every rank, since days of training are worth more."""
+    try:
+        record = evaluator(net, cemblayer, epoch, step)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        if not isinstance(e, AgreedFailure):
+            reason = f"{type(e).__name__}: {reason}"
+        log.record(event="fid_error", epoch=epoch, step=step, error=reason)
+        log.line(f"epoch {epoch}: evaluation failed ({reason}); training goes on")
+        return
+    log.record(**record)
+    log.line(f"epoch {epoch}: {record['metric']} {record['value']:.4f}" +
+             (f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""))
 
 
 def sample_grid(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, sampler: Sampler,

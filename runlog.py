@@ -1,5 +1,5 @@
-"""Rank 0's run log (stdout, log.txt, metrics.jsonl) and what training logs: the mean loss without a per-step
-sync, and the check that every loss so far was finite."""
+"""Rank 0's run log (stdout, log.txt, metrics.jsonl) and what the training loop watches without a per-step sync: the
+mean loss, every loss being finite, and the guards that end training early (a signal, --max_steps, a NaN)."""
 import json
 import os
 import time
@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from cli import UserError
+from distributed import Dist, StopSignal
 
 
 class RunLog:
@@ -64,3 +65,25 @@ def check_finite(first_bad: torch.Tensor, steps_per_epoch: int, world: int = 1) 
     if bad != NO_BAD_STEP:
         raise UserError(f"the loss became NaN or infinite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
                         "training stopped and the checkpoints on disk are the last good ones (lower --lr?)")
+
+
+class Guards:
+    """What ends training early, checked without a per-step device read: a stop signal on any rank (the same step
+    on every rank), --max_steps, and a NaN or infinite loss on any rank (read at log steps and epoch ends)."""
+
+    def __init__(self, stop: StopSignal, max_steps: int, steps_per_epoch: int, d: Dist):
+        self.stop, self.max_steps, self.steps_per_epoch, self.world = stop, max_steps, steps_per_epoch, d.world
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=d.device)  # first non-finite step
+
+    def watch(self, step_loss: torch.Tensor, step: int) -> None:
+        """Remember (on the device) the first step whose loss is not finite."""
+        self.first_bad = torch.where(torch.isfinite(step_loss), self.first_bad, self.first_bad.clamp(max=step))
+
+    def check_finite(self) -> None:
+        check_finite(self.first_bad, self.steps_per_epoch, self.world)
+
+    def stop_reason(self, step: int) -> str | None:
+        """Why training stops after this step, the same answer on every rank; None: it goes on. Called every step."""
+        if self.stop.poll():
+            return self.stop.received or "a signal to another rank"
+        return f"--max_steps {self.max_steps}" if step == self.max_steps else None

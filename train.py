@@ -25,11 +25,11 @@ from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DI
 from compat import COMPAT, Compat
 from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
 from diffusion import GaussianDiffusion, make_betas
-from distributed import AgreedFailure, Dist, StopSignal, seed_everything, setup_distributed, teardown_distributed
+from distributed import StopSignal, seed_everything, setup_distributed, teardown_distributed
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
-from evaluate import Sampler, make_evaluator, sample_grid
-from runlog import NO_BAD_STEP, LossMeter, RunLog, check_finite
+from evaluate import Sampler, evaluate_or_skip, make_evaluator, sample_grid
+from runlog import Guards, LossMeter, RunLog
 from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
 from train_step import DiffusionLoss, TrainStep, compile_loss, wrap_ddp
 from unet import check_unet_config
@@ -333,45 +333,6 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     guards.stop.restore()
     teardown_distributed()
     return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}
-
-
-class Guards:
-    """What ends training early, checked without a per-step device read: a stop signal on any rank (the same step
-    on every rank), --max_steps, and a NaN or infinite loss on any rank (read at log steps and epoch ends)."""
-
-    def __init__(self, stop: StopSignal, max_steps: int, steps_per_epoch: int, d: Dist):
-        self.stop, self.max_steps, self.steps_per_epoch, self.world = stop, max_steps, steps_per_epoch, d.world
-        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=d.device)  # first non-finite step
-
-    def watch(self, step_loss: torch.Tensor, step: int) -> None:
-        """Remember (on the device) the first step whose loss is not finite."""
-        self.first_bad = torch.where(torch.isfinite(step_loss), self.first_bad, self.first_bad.clamp(max=step))
-
-    def check_finite(self) -> None:
-        check_finite(self.first_bad, self.steps_per_epoch, self.world)
-
-    def stop_reason(self, step: int) -> str | None:
-        """Why training stops after this step, the same answer on every rank; None: it goes on. Called every step."""
-        if self.stop.poll():
-            return self.stop.received or "a signal to another rank"
-        return f"--max_steps {self.max_steps}" if step == self.max_steps else None
-
-
-def evaluate_or_skip(evaluator, net: nn.Module, cemblayer: nn.Module, epoch: int, step: int, log: RunLog) -> None:
-    """One periodic evaluation into metrics.jsonl; one that fails (on any rank: the ranks agree before any sum a
-    failed rank would miss) is recorded and skipped by every rank, since days of training are worth more."""
-    try:
-        record = evaluator(net, cemblayer, epoch, step)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        if not isinstance(e, AgreedFailure):
-            reason = f"{type(e).__name__}: {reason}"
-        log.record(event="fid_error", epoch=epoch, step=step, error=reason)
-        log.line(f"epoch {epoch}: evaluation failed ({reason}); training goes on")
-        return
-    log.record(**record)
-    log.line(f"epoch {epoch}: {record['metric']} {record['value']:.4f}" +
-             (f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two workers share the 2 cores
 
 # the smallest UNet the code accepts, on native 8x8 one-channel digits
 TINY = ["--dataset", "digits", "--modch", "32", "--chmul", "1,2", "--numres", "1", "--batchsize", "64",
@@ -28,7 +28,7 @@ def run_env() -> dict:
 @pytest.fixture(scope="session")
 def inductor_cache(tmp_path_factory):
     """One inductor cache for the suite's compiled subprocess runs: the first pays a cold compile, the rest of the
-    same graph reuse it (tests/test_ddp.py, scripts/gpu_check.sh's CPU run)."""
+    same graph reuse it (tests/test_gpu_check.py: scripts/gpu_check.sh's CPU run)."""
     return str(tmp_path_factory.mktemp("inductor"))
 
 

@@ -5,7 +5,8 @@ Faults for one rank only, set by environment variables:
   empty cache dir, so that rank's torch.compile cannot build a kernel while the other ranks' can.
 - INF_LOSS_RANK=r, FAULT_STEP=k: on rank r, the step loss is infinite from step k on (the others stay finite).
 - ERROR_RANK=r, FAULT_STEP=k: rank r raises a UserError at step k (the others go on into the next collective).
-- HANG_RANK=r, FAULT_STEP=k: rank r sleeps for an hour at step k (the others block in the next collective).
+- HANG_RANK=r, FAULT_STEP=k: rank r writes OUT/hang{r} and sleeps for an hour at step k (the others block in
+  the next collective).
 - EVAL_FAULT_RANK=r: on rank r, every cached FID reference file is unreadable (as on a node without the shared
   filesystem), so that rank's periodic evaluations fail while the other ranks' would not.
 Every rank writes its process id to OUT/pid{r}.
@@ -44,6 +45,7 @@ if rank in (os.environ.get("INF_LOSS_RANK"), os.environ.get("ERROR_RANK"), os.en
     def faulty(self, *a):
         steps[0] += 1
         if steps[0] >= fault_step and os.environ.get("HANG_RANK") == rank:
+            open(os.path.join(out, f"hang{rank}"), "w").close()
             time.sleep(3600)
         loss = real_call(self, *a)
         if steps[0] >= fault_step and os.environ.get("ERROR_RANK") == rank:

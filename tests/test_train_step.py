@@ -138,8 +138,9 @@ def test_no_host_device_sync_between_log_steps(tmp_path, monkeypatch):
         return step_call(self, *a)
 
     monkeypatch.setattr(train_step.TrainStep, "__call__", step_strict)
-    monkeypatch.setattr(train.LossMeter, "read", sync_allowed(train.LossMeter.read))
-    monkeypatch.setattr(train, "check_finite", sync_allowed(train.check_finite))
+    import runlog
+    monkeypatch.setattr(runlog.LossMeter, "read", sync_allowed(runlog.LossMeter.read))
+    monkeypatch.setattr(runlog, "check_finite", sync_allowed(runlog.check_finite))
     try:
         train.main(train.build_parser().parse_args(TINY + ["--epoch", "2", "--log_every", "10", "--device", "cuda",
                                                            "--compile", "False", "--run_dir", str(tmp_path / "r")]))
