@@ -61,16 +61,15 @@ def compile_loss(loss: DiffusionLoss, ddp_loss: nn.Module, d: Dist | None, examp
     backward under DDP's no_sync, so that it runs no collective that a rank whose compile failed would not join;
     the ranks then agree, and if any failed, every rank goes on eager with a fresh DDP around the plain loss.
     """
-    fast, several = loss.fast, ddp_loss is not loss
+    fast, several, device = loss.fast, ddp_loss is not loss, example[0].device
 
     def probe(m: nn.Module) -> None:
         with ddp_loss.no_sync() if several else nullcontext():
-            with fast.autocast(example[0].device):
+            with fast.autocast(device):
                 out = m(*example)
             out.backward()
     net = loss.models["net"]
     regions = [*net.downblocks, net.middleblocks, *net.upblocks] if fast.compile_scope == "regional" else None
-    device = example[0].device
     compiled, outcome = compile_or_eager(ddp_loss, probe, device, say, fast.compile_mode, "loss",
                                          d.control if several else None, regions)
     return (compiled if outcome["compiled"] else wrap_ddp(loss, d)), outcome
