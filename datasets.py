@@ -262,26 +262,32 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
 
 
 class ShardedBatches:
-    """Per-epoch permutation of N indices, a function of (seed, epoch), cut into this rank's batches.
+    """Per-epoch permutation of N indices, a function of (seed, epoch), cut into this rank's share of each step.
 
-    Every rank draws the same permutation, drops the tail that does not fill a global batch
-    (batch_size x world), and takes its strided share, so ranks never overlap within an epoch.
+    Every rank draws the same permutation and drops the tail that does not fill a global batch (batch_size x
+    world x accumulate). A step's global batch is cut into world x accumulate micro-batches of batch_size,
+    strided, and rank r takes micro-batches r*accumulate .. (r+1)*accumulate - 1: so ranks never overlap, and one
+    rank accumulating two micro-batches sees exactly the images two ranks with one each would.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, accumulate: int = 1):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.accumulate = accumulate
         if len(self) == 0:
             raise DatasetError(f"{n} images are fewer than one global batch ({batch_size} per device x {world} "
-                               "devices); lower --batchsize")
+                               f"devices x {accumulate} micro-batches); lower --batchsize or --global_batch")
 
     def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world)
+        return self.n // (self.batch_size * self.world * self.accumulate)
 
     def epoch(self, epoch: int) -> torch.Tensor:
-        """This rank's indices for `epoch`, shape [batches, batch_size]."""
+        """This rank's indices for `epoch`, shape [steps, accumulate x batch_size] (its micro-batches in order)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * self.world]
-        return perm.view(len(self), self.batch_size, self.world)[:, :, self.rank]
+        shards = self.world * self.accumulate
+        perm = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * shards]
+        mine = perm.view(len(self), self.batch_size, shards)[:, :, self.rank * self.accumulate:
+                                                            (self.rank + 1) * self.accumulate]
+        return mine.permute(0, 2, 1).reshape(len(self), self.accumulate * self.batch_size)
 
 
 class StagedBatches:

@@ -7,7 +7,8 @@ One node, all its GPUs:
         --cdim 128 --mode proto_frozen --path_proto classifier.pt
 Two nodes (run on each, NODE = 0 or 1):
     torchrun --nnodes=2 --node_rank=NODE --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-`--batchsize` is per device, as in the original; the global batch is batchsize x processes.
+`--batchsize` is per device, as in the original, and the global batch is batchsize x processes; `--global_batch N`
+fixes it whatever the process count, by accumulating micro-batches of --batchsize.
 """
 import argparse
 import math
@@ -69,6 +70,20 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: 
                                                total_iters=warm)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warm), eta_min=0.0)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
+
+
+def micro_batches(global_batch: int, batchsize: int, world: int) -> int:
+    """Micro-batches each process accumulates per optimizer step: --global_batch / (--batchsize x processes)."""
+    if global_batch == 0:
+        return 1
+    if global_batch % world:
+        raise UserError(f"--global_batch {global_batch} cannot be split over {world} processes; use a process count "
+                        f"that divides it")
+    if global_batch % (batchsize * world):
+        raise UserError(f"--global_batch {global_batch} is not a multiple of --batchsize x processes "
+                        f"({batchsize} x {world} = {batchsize * world}); use a --batchsize that divides "
+                        f"{global_batch // world}")
+    return global_batch // (batchsize * world)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -172,6 +187,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     d = setup_distributed(args.device, args.dist_backend, args.dist_timeout)
     resume = read_resume(args.path_resume, args, RUNTIME_FLAGS) if args.path_resume else None
     validate(args)
+    micro = micro_batches(args.global_batch, args.batchsize, d.world)
     compat = Compat.of(args.compat, args.dataset)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode,
                              args.compile_scope)
@@ -182,8 +198,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
     images = data.images.to(d.device) if on_device else data.images
     labels = data.labels.to(d.device)
-    staged = None if on_device else StagedBatches(images, args.batchsize, d.device)
-    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
+    staged = None if on_device else StagedBatches(images, args.batchsize * micro, d.device)
+    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed, micro)
 
     # --- run dir and log
     run_dir = make_run_dir(args.results, args.mode, args.dataset, args.path_resume or args.run_dir, cfg, d,
@@ -214,7 +230,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         ddp_loss, outcome = compile_loss(loss, ddp_loss, d, (images[probe].to(d.device), labels[probe.to(d.device)]),
                                          log.line)
         log.record(event="compile", **outcome)
-    train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast)
+    train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast, micro)
 
     def save(epoch: int, step_in_epoch: int) -> str:
         """The checkpoint (every rank hands in its RNG state) and, with compile, rank 0's compile cache."""
@@ -240,7 +256,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     evaluator = make_evaluator(args, cfg, diffusion, d, sampler, log.line, compat.weights) if args.fid_every else None
     n_params = sum(p.numel() for p in models.parameters())
     log.line(f"run dir {run_dir}; {args.dataset} {tuple(images.shape)}; {n_params / 1e6:.2f} M parameters; "
-             f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world}")
+             f"{d.world} process(es) on {d.device.type}; global batch {args.batchsize * d.world * micro} "
+             f"({d.world} x {micro} micro-batch(es) of {args.batchsize})")
 
     # --- training loop: nothing reads the device between log steps, so the CPU runs ahead of the GPU
     guards = Guards(StopSignal(d.world, d.control), args.max_steps, len(batches), d)
@@ -261,7 +278,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             whole_epoch.add(step_loss)
             if step % args.log_every == 0:
                 guards.check_finite()  # reading the device: the loop's one sync point
-                mean_loss, rate = window.read(d.world, args.batchsize)
+                mean_loss, rate = window.read(d.world, args.batchsize * micro)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
@@ -277,7 +294,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             break
         skip, done, last = 0, epoch + 1, epoch + 1 == args.epoch
         if whole_epoch.n:  # the epoch's mean loss on disk even when --log_every was never reached
-            mean_loss, rate = whole_epoch.read(d.world, args.batchsize)
+            mean_loss, rate = whole_epoch.read(d.world, args.batchsize * micro)
             log.record(event="epoch", epoch=done, step=step, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
                        img_per_s=rate, steps=whole_epoch.n)
         log.line(f"epoch {done}/{args.epoch} done, step {step}, lr {optimizer.param_groups[0]['lr']:.3g}")

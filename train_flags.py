@@ -25,7 +25,7 @@ PROTO_NORM = Rule(lambda v: v in ("keep", "default") or _norm_value(v), "keep, d
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(1) for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T",
                                       "modch", "cdim", "numres", "numworkers")},
-    **{flag: at_least(0) for flag in ("max_steps", "keep_last", "fid_every", "weight_decay", "eta", "seed")},
+    **{flag: at_least(0) for flag in ("global_batch", "max_steps", "keep_last", "fid_every", "weight_decay", "eta", "seed")},
     "fid_num": at_least(2),  # a covariance needs two images
     "num_steps": at_least(2),  # and at most --T, checked with it
     "image_size": NATIVE_OR_SIZE, "chmul": POSITIVE_LIST,
@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of the original train.py (same names and meaning) plus this project's additions."""
     p = argparse.ArgumentParser(description="Train a class-conditional diffusion model with classifier-free "
                                 "guidance; --mode proto_* conditions it on class prototypes (ProtoDiffusion).")
-    p.add_argument("--batchsize", type=int, default=256, help="batch size per device")
+    p.add_argument("--batchsize", type=int, default=256, help="batch size per device (with --global_batch: per "
+                   "micro-batch, a memory setting)")
+    p.add_argument("--global_batch", type=int, default=0, help="images per optimizer step over all processes, "
+                   "reached by accumulating --global_batch / (--batchsize x processes) micro-batches per process, "
+                   "so a run's schedule does not depend on its GPU count (0: --batchsize x processes, the original's)")
     p.add_argument("--numworkers", type=int, default=4, help="threads that decode image folders (batches come from "
                    "an in-memory uint8 tensor, so no loader workers are needed)")
     p.add_argument("--inch", type=int, default=None, help="UNet input channels (default: the dataset's)")

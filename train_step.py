@@ -86,21 +86,34 @@ def make_loss(models: nn.ModuleDict, diffusion: GaussianDiffusion, threshold: fl
 
 
 class TrainStep:
-    """One optimisation step: loss, backward, optimizer (through the scaler), EMA; returns the detached loss."""
+    """One optimisation step: loss and backward over the rank's micro-batches, optimizer (through the scaler), EMA;
+    returns the detached mean loss.
+
+    With `micro` > 1 the rank's share of the global batch is cut into that many equal micro-batches whose
+    gradients add up (each loss divided by `micro`), and DDP all-reduces only during the last one's backward, so the
+    update equals that of one micro-batch per process on micro x as many processes.
+    """
 
     def __init__(self, loss: nn.Module, models: nn.ModuleDict, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, ema: EMA, fast: FastPath):
+                 scaler: torch.amp.GradScaler, ema: EMA, fast: FastPath, micro: int = 1):
         self.loss, self.models, self.optimizer, self.scaler, self.ema = loss, models, optimizer, scaler, ema
-        self.fast = fast
+        self.fast, self.micro = fast, micro
+        ddp = getattr(loss, "_orig_mod", loss)  # torch.compile's wrapper keeps the DDP module it compiled
+        self.no_sync = ddp.no_sync if isinstance(ddp, DDP) else nullcontext
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.fast.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
-        with self.fast.autocast(images_u8.device):  # mixed precision for the forward pass only
-            loss = self.loss(images_u8, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = None
+        for k, (x, y) in enumerate(zip(images_u8.chunk(self.micro), labels.chunk(self.micro))):
+            if self.fast.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous graph outputs may be overwritten now
+            with self.no_sync() if k < self.micro - 1 else nullcontext():
+                with self.fast.autocast(x.device):  # mixed precision for the forward pass only
+                    loss = self.loss(x, y)
+                self.scaler.scale(loss / self.micro if self.micro > 1 else loss).backward()
+            loss = loss.detach().clone() if self.fast.cudagraphs else loss.detach()
+            total = loss if total is None else total + loss
         self.scaler.step(self.optimizer)  # fp16 only: the scaler's inf check reads the device here
         self.scaler.update()
         self.ema.update(self.models)
-        return loss.detach().clone() if self.fast.cudagraphs else loss.detach()
+        return total / self.micro if self.micro > 1 else total

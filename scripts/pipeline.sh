@@ -15,7 +15,8 @@ NGPU=${NGPU:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 OUT=${OUT:-results/$DATASET}
 EPOCHS=${EPOCHS:-1500}            # the paper code's default
 INTERVAL=${INTERVAL:-50}          # checkpoint (and FID) every INTERVAL epochs
-BATCH=${BATCH:-64}                # per GPU, as in the paper code's README
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}  # the paper's 4 GPUs x 64, on any GPU count (micro-batches accumulate)
+BATCH=${BATCH:-$(( GLOBAL_BATCH / NGPU < 64 ? GLOBAL_BATCH / NGPU : 64 ))}  # per GPU and micro-batch
 IMAGE_SIZE=${IMAGE_SIZE:-32}
 CHMUL=${CHMUL:-1,2,4,4}
 LR=${LR:-2e-4}
@@ -41,7 +42,7 @@ run() {
 run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $SEED --out $OUT/prototypes.pt $EXTRA"
 run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $((SEED + 1)) --out $OUT/eval_classifier.pt $EXTRA"
 for mode in $MODES; do
-  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode --compat $COMPAT $EXTRA"
+  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --global_batch $GLOBAL_BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode --compat $COMPAT $EXTRA"
   # every saved epoch in one process: the network compiles once, Inception and the reference load once
   run "$RUN sample.py --path $OUT/runs/$mode --epoch all --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --per_class $PER_CLASS --data_root $DATA_ROOT"
 done

@@ -1,4 +1,5 @@
-"""Run train.main under torchrun and save this rank's final weights to OUT/rank{r}.pt (for the DDP tests).
+"""Run train.main under torchrun and save this rank's final weights (and the UNet's last gradient) to OUT/rank{r}.pt
+(for the DDP tests).
 
 Faults for one rank only, set by environment variables:
 - BROKEN_COMPILER_RANK=r: on rank r, `g++` and `cc` are programs that fail (first in PATH) and inductor gets its own
@@ -9,6 +10,9 @@ Faults for one rank only, set by environment variables:
   the next collective).
 - EVAL_FAULT_RANK=r: on rank r, every cached FID reference file is unreadable (as on a node without the shared
   filesystem), so that rank's periodic evaluations fail while the other ranks' would not.
+- KEYED_NOISE=1 (every rank): each image's timestep and noise are a function of the image alone, so the update of a
+  global batch does not depend on which process or micro-batch an image lands in (use with --threshold 0
+  --droprate 0, the loss's other randomness).
 Every rank writes its process id to OUT/pid{r}.
 Errors reach the user as train.py's do (cli.run_cli).
 """
@@ -60,9 +64,23 @@ if os.environ.get("EVAL_FAULT_RANK") == rank:
         raise UserError(f"reference statistics {path} are unreadable (injected on rank {rank})")
     fid.read_npz = unreadable
 
+if os.environ.get("KEYED_NOISE"):
+    import diffusion  # noqa: E402
+    import torch.nn.functional as F  # noqa: E402
+
+    def keyed_loss(self, model, x0, cond, generator=None):
+        key = x0.flatten(1).sum(1)
+        t = (key.abs() * 997).long() % self.T
+        noise = torch.sin(key.view(-1, *[1] * (x0.dim() - 1)) + torch.arange(x0[0].numel()).view(x0.shape[1:]))
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t, cond), noise)
+    diffusion.GaussianDiffusion.train_loss = keyed_loss
+
+
 def main(args) -> None:
     modules = train.main(args)
-    torch.save({name: m.state_dict() for name, m in modules.items()}, os.path.join(out, f"rank{rank}.pt"))
+    final = {name: m.state_dict() for name, m in modules.items()}
+    final["grad"] = {n: p.grad for n, p in modules["net"].named_parameters() if p.grad is not None}  # the last step's
+    torch.save(final, os.path.join(out, f"rank{rank}.pt"))
 
 
 sys.argv = sys.argv[:1] + sys.argv[2:]

@@ -66,6 +66,19 @@ def test_sharded_batches_partition_each_epoch():
         ShardedBatches(10, 8, 0, 2)
 
 
+def test_accumulated_micro_batches_are_the_shards_more_ranks_would_take():
+    n, b = 100, 4  # global batch 16: 1 rank x 4 micro-batches, 2 x 2, 4 x 1
+    layouts = {(w, a): [ShardedBatches(n, b, r, w, seed=3, accumulate=a).epoch(2) for r in range(w)]
+               for w, a in ((1, 4), (2, 2), (4, 1))}
+    assert {len(ShardedBatches(n, b, 0, w, accumulate=a)) for w, a in layouts} == {6}
+    four_ranks = layouts[(4, 1)]
+    for (w, a), ranks in layouts.items():
+        for r, order in enumerate(ranks):
+            assert order.shape == (6, a * b)
+            for m in range(a):  # micro-batch m of rank r is what rank r*a + m of four ranks takes, step by step
+                assert torch.equal(order[:, m * b:(m + 1) * b], four_ranks[r * a + m])
+
+
 def fake_tiny_imagenet(root):
     """Tiny ImageNet's real layout: train/<wnid>/images/*.JPEG with a boxes file, val/images + val_annotations.txt."""
     from PIL import Image

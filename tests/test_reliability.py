@@ -160,6 +160,7 @@ MATRIX = [
     (T, TINY + ["--mode", "proto_frozen", "--path_proto", "{d}/narrow.pt", "--run_dir", "{d}/new"], "do not fit"),
     (T, TINY + ["--mode", "proto_frozen", "--path_proto", "{d}/absent.pt", "--run_dir", "{d}/new"], "does not exist"),
     (T, TINY + ["--num_steps", "1"], "--num_steps"),
+    (T, TINY + ["--global_batch", "100"], "is not a multiple of --batchsize x processes (64 x 1 = 64)"),
     (T, TINY + ["--image_size", "12", "--chmul", "1,2,2,2"], "cannot be halved"),
     (C, ["--dataset", "imagenet", "--out", "{d}/c.pt"], "--dataset must be one of"),
     (C, ["--dataset", "cifar10", "--download", "False", "--data_root", "{d}/nodata", "--out", "{d}/c.pt"], "cifar10"),

@@ -33,8 +33,19 @@ def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset, comp
             if name == "train.py":
                 modes.append(args.mode)
                 assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128 and args.compat == compat
+                assert (args.global_batch, args.batchsize) == (256, 64)  # the paper's global batch
     assert modes == ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
     assert ("raw) vs epoch" in commands[-1][-1]) == (compat == "original")  # the plot names the weights FID used
+
+
+@pytest.mark.parametrize("ngpu,batch", [(1, 64), (2, 64), (4, 64), (8, 32)])
+def test_the_pipeline_trains_at_the_papers_global_batch_on_any_gpu_count(ngpu, batch):
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
+                       text=True, env=dict(os.environ, NGPU=str(ngpu)), cwd=ROOT)
+    cmd = shlex.split(next(line[2:] for line in r.stdout.splitlines() if " train.py " in line))
+    args = train.build_parser().parse_args(cmd[cmd.index("train.py") + 1:])
+    assert f"--nproc_per_node={ngpu}" in cmd and (args.batchsize, args.global_batch) == (batch, 256)
+    assert train.micro_batches(args.global_batch, args.batchsize, ngpu) * batch * ngpu == 256
 
 
 def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
