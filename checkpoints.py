@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cli import UserError
+from cli import UserError, write_atomic
 from compat import Compat
 from distributed import Dist, broadcast_object, seed_everything
 from ema import EMA
@@ -42,18 +42,8 @@ def new_run_dir(results: str, mode: str, dataset: str) -> str:
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through cli.write_atomic: a reader never sees half a file, a failed write raises OSError."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str, what: str = "checkpoint") -> Any:
@@ -248,16 +238,30 @@ def make_run_dir(results: str, mode: str, dataset: str, run_dir: str | None, cfg
     return run_dir
 
 
-def read_resume(run_dir: str, args: Any, keep: tuple[str, ...]) -> dict:
-    """The run's own flags back into args (all but `keep`, which describe this invocation), and its newest
-    checkpoint."""
+def read_resume(run_dir: str, args: Any, keep: tuple[str, ...], given: set[str], may_change: tuple[str, ...]
+                ) -> tuple[dict, dict]:
+    """The run's newest checkpoint, and its own flags back into args: every flag but `keep` (this invocation's)
+    comes from config.json. A flag in `given` (the command line's) must equal the run's, unless it is in
+    `may_change`; returns (checkpoint, {flag: (the run's value, the new one)} of the changes)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"--path_resume {run_dir} is not a run dir of this code (no config.json)")
     saved = json.load(open(os.path.join(run_dir, "config.json")))
+    changes, clashes = {}, []
     for key, value in saved.items():
-        if key not in keep and key in vars(args):
-            setattr(args, key, value)
-    return load_file(latest_checkpoint(run_dir))
+        if key in keep or key not in vars(args):
+            continue
+        mine = getattr(args, key)
+        native = key == "image_size" and mine == -1  # config.json holds the size -1 stood for
+        if key in given and mine != value and not native:
+            if key in may_change:
+                changes[key] = (value, mine)
+                continue
+            clashes.append(f"--{key} {mine} (the run has {value})")
+        setattr(args, key, value)
+    if clashes:
+        raise UserError(f"{run_dir} continues with its own flags (config.json) and the command line differs: "
+                        f"{'; '.join(clashes)}; drop them, or start a new run dir")
+    return load_file(latest_checkpoint(run_dir)), changes
 
 
 def restore(state: TrainState, resume: dict, seed: int, d: Dist, say: Any) -> tuple[int, int]:

@@ -5,6 +5,7 @@ table shows all valid values at a glance (many flags share a rule), and tests/te
 a rule and tries each rule's bad value.
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -15,6 +16,44 @@ from typing import Any, Callable
 
 class UserError(Exception):
     """A mistake the user can fix; reported as one `error:` line, without a traceback."""
+
+
+FAILED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a full disk or quota, a file-size limit
+
+
+def write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then rename: a reader never sees half a file, and a
+    write that fails (a full disk or quota) leaves whatever `path` held and raises OSError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError):  # torch.save's zip writer reports a failed write as "unexpected pos"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(errno.EIO, f"the write stopped part-way; is the disk or quota full? ({first})", path) from None
+        raise
+
+
+def append_line(path: str, text: str) -> None:
+    """Append one line to a log file, all of it or nothing: a write that fails truncates what it added."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        data = text.encode()
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        os.close(fd)
 
 
 def str2bool(s: str) -> bool:
@@ -111,6 +150,15 @@ def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
             raise UserError(f"--{flag} must be {rule.valid}; got {value}")
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, ...]:
+    """The flags written in argv, even those given their default value (argparse fills in a default only for
+    what the namespace it parses into does not hold yet)."""
+    unset = object()
+    probe = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    parser.parse_args(argv, probe)
+    return tuple(sorted(name for name, value in vars(probe).items() if value is not unset))
+
+
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
     """Parse flags and run main; a UserError (or missing file) becomes one `error:` line and exit code 2.
 
@@ -119,6 +167,7 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     """
     parser.add_argument("--debug", type=str2bool, default=False, help="show full tracebacks instead of one-line errors")
     args = parser.parse_args()
+    args.given_flags = given_flags(parser, sys.argv[1:])  # train.py compares them with a resumed run's
     try:
         main(args)
     except (UserError, FileNotFoundError) as e:
@@ -127,6 +176,19 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         if first_failure():
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if args.debug or e.errno not in FAILED_WRITES:
+            raise
+        if first_failure():
+            print(f"{parser.prog}: error: could not write {e.filename or 'a file'} ({e.strerror}); the files "
+                  "written before are intact", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training's own handler is installed, or after it is restored
+        if args.debug:
+            raise
+        if first_failure():
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception:
         if args.debug:
             raise

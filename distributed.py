@@ -137,11 +137,14 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1 (cluster preemption) so that training can stop at a step boundary; a second
-    signal, a few seconds after the first, ends the process at once, even when it is blocked in a collective."""
+    """Remembers SIGTERM / SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) so that training can stop at a step
+    boundary with a checkpoint; a second signal, a few seconds after the first, ends the process at once, even when
+    it is blocked in a collective."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-    REPEAT_S = 2.0  # a signal sent to the job twice at once (torchrun forwarding what SLURM also sent) counts once
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    # a signal sent to the job twice at once counts once: torchrun forwarding what SLURM also sent, or the SIGINT
+    # a terminal sends to the whole foreground group (torchrun and its workers) that torchrun then forwards
+    REPEAT_S = 2.0
 
     def __init__(self, world: int = 1, group: Any = None):
         self.received: str | None = None

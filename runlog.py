@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from cli import UserError, append_line
 from distributed import Dist, StopSignal
 
 
@@ -24,13 +24,11 @@ class RunLog:
             return
         print(msg, flush=True)
         if self.run_dir:
-            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
-                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+            append_line(os.path.join(self.run_dir, "log.txt"), f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
 
     def record(self, **fields: Any) -> None:
         if self.active and self.run_dir:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(fields) + "\n")
+            append_line(os.path.join(self.run_dir, "metrics.jsonl"), json.dumps(fields) + "\n")
 
 
 class LossMeter:

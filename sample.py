@@ -23,8 +23,8 @@ from diffusion import GaussianDiffusion, make_betas
 from evaluate import (Sampler, Scoring, classifier_for, evaluate, few_images_warning, fid_record, image_labels,
                       reference_path)
 from fid import FEATURES, feature_width
-from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, UserError, at_least, check_flags, finite, one_of,
-                 run_cli, str2bool, unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, UserError, append_line, at_least, check_flags,
+                 finite, one_of, run_cli, str2bool, unset_or)
 from distributed import setup_distributed, teardown_distributed
 from runlog import RunLog
 from speed import resolve_fast_path
@@ -179,8 +179,7 @@ def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indic
     print(f"epoch {epoch}: {line} ({result['n']} images, {sampler.name(T)}, w {sampler.w}, {position['weights']} "
           f"weights, reference {scoring.reference})", flush=True)
     for path in (os.path.join(args.path, f"fid_{epoch}.txt"), os.path.join(args.path, "metrics.jsonl")):
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(path, json.dumps(record) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

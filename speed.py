@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from cli import str2bool
+from cli import str2bool, write_atomic
 from distributed import first_rank_failure
 
 
@@ -135,10 +135,7 @@ def save_compile_cache(path: str) -> None:
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(artifacts[0])
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(artifacts[0]))
 
 
 def adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:

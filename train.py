@@ -13,6 +13,8 @@ fixes it whatever the process count, by accumulating micro-batches of --batchsiz
 import argparse
 import math
 import os
+import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -72,6 +74,24 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: 
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
 
 
+def read_resume_flags(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The newest checkpoint of --path_resume and its run's flags in args; a flag given on the command line that
+    differs from the run's is refused, but --epoch (a new total) and, under --global_batch, --batchsize (a memory
+    setting)."""
+    given = getattr(args, "given_flags", None)  # run_cli's; a caller of main() gives the values it changed
+    if given is None:
+        defaults = vars(build_parser().parse_args([]))
+        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    resume, changes = read_resume(args.path_resume, args, RUNTIME_FLAGS, set(given), ("epoch", "batchsize"))
+    if "batchsize" in changes and not args.global_batch:
+        raise UserError(f"--batchsize {args.batchsize} (the run has {changes['batchsize'][0]}): without --global_batch "
+                        "it sets the run's global batch, which a resumed run keeps")
+    if "epoch" in changes and args.epoch <= resume["epoch"]:
+        raise UserError(f"--epoch {args.epoch}: {args.path_resume} has trained {resume['epoch']} epoch(s) already; "
+                        "a new total must be larger")
+    return resume, changes
+
+
 def micro_batches(global_batch: int, batchsize: int, world: int) -> int:
     """Micro-batches each process accumulates per optimizer step: --global_batch / (--batchsize x processes)."""
     if global_batch == 0:
@@ -84,6 +104,21 @@ def micro_batches(global_batch: int, batchsize: int, world: int) -> int:
                         f"({batchsize} x {world} = {batchsize * world}); use a --batchsize that divides "
                         f"{global_batch // world}")
     return global_batch // (batchsize * world)
+
+
+def continued_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace, original: bool, start_epoch: int,
+                       old_total: int, say: Callable[[str], None]):
+    """A resumed run given a new --epoch: the schedule of a run of that many epochs, at start_epoch. Its warm-up
+    (epochs // 20) and cosine follow the new total, so the lr steps from the old schedule's value to the new one's."""
+    before = optimizer.param_groups[0]["lr"]
+    schedule = make_lr_schedule(optimizer, args.epoch, args.multiplier, original)
+    with warnings.catch_warnings():  # stepping without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_epoch):
+            schedule.step()
+    say(f"--epoch {old_total} -> {args.epoch}: the LR schedule is now that of {args.epoch} epochs; at epoch "
+        f"{start_epoch + 1} the lr goes from {before:.4g} to {optimizer.param_groups[0]['lr']:.4g}")
+    return schedule
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -100,8 +135,9 @@ def validate(args: argparse.Namespace) -> None:
         check_unet_config(args.modch, args.chmul)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.run_dir and not args.path_resume and os.path.exists(args.run_dir):
-        raise UserError(f"--run_dir {args.run_dir} already exists; pick a new one or continue it with --path_resume")
+    if args.run_dir and not args.path_resume and os.path.exists(args.run_dir) and args.if_exists == "error":
+        raise UserError(f"--run_dir {args.run_dir} already exists; pick a new one, continue it with --path_resume, "
+                        "or start-or-continue it with --if_exists continue")
     if args.ddim and not 2 <= args.num_steps <= args.T:
         raise UserError(f"--num_steps must be between 2 and --T ({args.T}); got {args.num_steps}")
     if args.fid_every and args.fid_features == "classifier" and not (args.eval_classifier or args.path_proto):
@@ -127,7 +163,7 @@ def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
     if not 1 <= clsnum <= len(data.classes) or args.genbatch < clsnum:
         raise UserError(f"the sample grid needs 1 <= --clsnum <= {len(data.classes)} and --genbatch >= --clsnum; "
                         f"got clsnum {clsnum}, genbatch {args.genbatch}")
-    cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+    cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS and k != "given_flags"}
     cfg.update(inch=data.channels, outch=data.channels, image_size=data.size, num_classes=len(data.classes),
                classes=data.classes, clsnum=clsnum, world_size=world, torch=str(torch.__version__),
                proto_row_norm=table_norm(args))
@@ -185,9 +221,13 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     # --- setup: torchrun's process group, the run's flags (its own on resume), the speed settings
     check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device, args.dist_backend, args.dist_timeout)
-    resume = read_resume(args.path_resume, args, RUNTIME_FLAGS) if args.path_resume else None
+    if args.if_exists == "continue" and args.run_dir and not args.path_resume and \
+            os.path.isfile(os.path.join(args.run_dir, "checkpoints", "last_epoch.pt")):
+        args.path_resume = args.run_dir
+    resume, changes = read_resume_flags(args) if args.path_resume else (None, {})
     validate(args)
     micro = micro_batches(args.global_batch, args.batchsize, d.world)
+    finished = resume is not None and resume["epoch"] >= args.epoch  # a rerun of a finished run: nothing to train
     compat = Compat.of(args.compat, args.dataset)
     fast = resolve_fast_path(args.amp, args.compile, args.channels_last, d.device, args.compile_mode,
                              args.compile_scope)
@@ -203,7 +243,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     # --- run dir and log
     run_dir = make_run_dir(args.results, args.mode, args.dataset, args.path_resume or args.run_dir, cfg, d,
-                           fresh=resume is None)
+                           fresh=resume is None or bool(changes))  # config.json gets the new --epoch
     log = RunLog(run_dir, d.is_main)
     if note := compat.describe(args.compat):
         log.line(note)
@@ -224,7 +264,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     loss = DiffusionLoss(models, diffusion, args.threshold, fast, compat.pixels)
     ddp_loss = wrap_ddp(loss, d)
     compile_cache = os.path.join(run_dir, "compile_cache.bin")
-    if fast.compile:
+    if fast.compile and not finished:
         load_compile_cache(compile_cache, log.line)
         probe = torch.arange(args.batchsize, device=images.device) % len(labels)
         ddp_loss, outcome = compile_loss(loss, ddp_loss, d, (images[probe].to(d.device), labels[probe.to(d.device)]),
@@ -243,6 +283,13 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     start_epoch, skip = 0, 0
     if resume is not None:
         start_epoch, skip = restore(state, resume, args.seed, d, log.line)
+        if "epoch" in changes:
+            state.scheduler = continued_schedule(optimizer, args, compat.original_lr, start_epoch, changes["epoch"][0],
+                                                 log.line)
+        if finished:
+            log.line(f"{run_dir} has trained all {args.epoch} epochs; nothing to do")
+            teardown_distributed()
+            return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}
         log.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip} of the epoch")
     else:
         seed_everything(args.seed * d.world + d.rank)  # distinct noise, timesteps and label drops per rank

@@ -11,7 +11,7 @@ from datasets import DATASETS
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last",
-                 "dist_backend", "dist_timeout")
+                 "dist_backend", "dist_timeout", "if_exists")
 
 
 def _norm_value(v: str) -> bool:
@@ -39,7 +39,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "proto_norm": PROTO_NORM, "proto_source": one_of("centres", "means"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
-    "dist_backend": DIST_BACKEND, "dist_timeout": above(0), "compat": COMPAT,
+    "dist_backend": DIST_BACKEND, "dist_timeout": above(0), "compat": COMPAT, "if_exists": one_of("error", "continue"),
     **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root",
                               "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
                               "results")},
@@ -93,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
     p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder, or its train/ "
                    "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
-    p.add_argument("--path_resume", default=None, help="run dir to continue, bit for bit, from its newest checkpoint")
+    p.add_argument("--path_resume", default=None, help="run dir to continue, bit for bit, from its newest checkpoint, "
+                   "with its own flags (config.json): a flag given here must equal the run's, except --epoch (a new "
+                   "total; the LR schedule is rebuilt for it) and, with --global_batch, --batchsize")
     p.add_argument("--run_dir", default=None, help="run dir to create (default RESULTS/{mode}/{dataset}/{timestamp}); "
-                   "must not exist yet")
+                   "must not exist yet, unless --if_exists continue")
+    p.add_argument("--if_exists", default="error", help="what --run_dir does when it exists: error, or continue "
+                   "(start-or-continue: resume it from its newest checkpoint, bit for bit, or start it when it holds "
+                   "none; the command a requeued job runs again)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all, with a checkpoint "
                    "to resume from (0: run all epochs)")
     p.add_argument("--keep_last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")

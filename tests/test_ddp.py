@@ -66,6 +66,24 @@ def test_sigterm_stops_a_two_process_job_within_seconds_whatever_log_every_is(tm
     assert (run / "checkpoints" / f"step_{ckpt['global_step'] + 2}_checkpoint.pt").exists()
 
 
+def test_ctrl_c_to_a_two_process_job_stops_it_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = TORCHRUN + [os.path.join(ROOT, "train.py")] + TINY + ["--epoch", "100", "--log_every", "1000",
+                                                                "--run_dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env(),
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.txt").exists() and "run dir" in (run / "log.txt").read_text()):
+        time.sleep(0.2)
+    time.sleep(2)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: torchrun and both workers, then torchrun
+    out, err = proc.communicate(timeout=60)  # forwards its own copy to the workers
+    assert time.time() - t0 < 20 and (run / "checkpoints" / "last_epoch.pt").exists()
+    assert "stopped by SIGINT" in out and "KeyboardInterrupt" not in err and 'train.py", line' not in err, err[-3000:]
+    assert "ChildFailedError" not in err  # torchrun's own SignalException is torchrun's, as for SIGTERM
+
+
 def test_the_update_of_a_global_batch_does_not_depend_on_processes_or_micro_batches(tmp_path):
     # 64 images per step as 1 process x 2 micro-batches of 32, 2 x 1 of 32 and 2 x 2 of 16: the same images (the
     # data order is a function of the seed), the same noise per image (KEYED_NOISE), so the same two AdamW updates

@@ -1,7 +1,10 @@
 """Exact resume, preemption, atomic checkpoints, NaN stops and the error matrix of docs/reliability.md (bad input)."""
 import glob
+import json
+import math
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -57,6 +60,29 @@ def test_stop_and_resume_gives_bit_identical_weights(tmp_path, straight, k):
     assert_identical(straight, final_weights(run))
 
 
+def test_the_same_command_again_continues_bit_for_bit_and_then_has_nothing_to_do(tmp_path, straight):
+    command = TINY + ["--epoch", "2", "--run_dir", str(tmp_path / "run"), "--if_exists", "continue"]
+    main(command + ["--max_steps", "33"])  # a preempted first attempt (the stop saves as SIGTERM's does)
+    main(command)
+    assert_identical(straight, final_weights(str(tmp_path / "run")))
+    before = snapshot(str(tmp_path / "run" / "checkpoints"))
+    main(command)
+    assert snapshot(str(tmp_path / "run" / "checkpoints")) == before
+    assert "has trained all 2 epochs; nothing to do" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_new_epoch_total_on_resume_follows_the_schedule_of_that_many_epochs(tmp_path):
+    run = tmp_path / "run"
+    main(TINY + ["--epoch", "2", "--run_dir", str(run)])
+    main(["--path_resume", str(run), "--epoch", "4"])
+    lr, m = 2e-4, 2.5  # a 4-epoch schedule: 1 warm-up epoch, then a cosine over 3 epochs
+    expected = {3: lr * m * (1 + math.cos(math.pi / 3)) / 2, 4: lr * m * (1 + math.cos(2 * math.pi / 3)) / 2}
+    epochs = {r["epoch"]: r["lr"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["event"] == "epoch"}
+    assert epochs[3] == pytest.approx(expected[3], rel=1e-6) and epochs[4] == pytest.approx(expected[4], rel=1e-6)
+    assert json.load(open(run / "config.json"))["epoch"] == 4
+    assert "--epoch 2 -> 4" in (run / "log.txt").read_text()
+
+
 def test_two_process_resume_is_bit_identical(tmp_path):
     def torchrun(out, args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -66,8 +92,9 @@ def test_two_process_resume_is_bit_identical(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     torchrun(tmp_path / "a", TINY + ["--epoch", "2", "--run_dir", str(tmp_path / "run_a")])
-    torchrun(tmp_path / "b", TINY + ["--epoch", "2", "--run_dir", str(tmp_path / "run_b"), "--max_steps", "10"])
-    torchrun(tmp_path / "b", ["--path_resume", str(tmp_path / "run_b")])  # 14 steps per epoch with 2 ranks
+    command = TINY + ["--epoch", "2", "--run_dir", str(tmp_path / "run_b"), "--if_exists", "continue"]
+    torchrun(tmp_path / "b", command + ["--max_steps", "10"])  # 14 steps per epoch with 2 ranks
+    torchrun(tmp_path / "b", command)
     assert_identical(final_weights(str(tmp_path / "run_a")), final_weights(str(tmp_path / "run_b")))
     ckpt = torch.load(tmp_path / "run_b" / "checkpoints" / "step_10_checkpoint.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
@@ -114,6 +141,38 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert torch.load(run / "checkpoints" / "ckpt_1_checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
+def file_size_limit(limit):
+    """preexec_fn: writes past `limit` bytes fail as on a full disk (EFBIG; SIGXFSZ ignored, so they return an error)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_checkpoints(tmp_path):
+    # the real failure, not a mock: torch.save's zip writer then raises RuntimeError "unexpected pos"
+    run = tmp_path / "run"
+    main(TINY + ["--epoch", "1", "--run_dir", str(run)])
+    before = {f: (run / "checkpoints" / f).read_bytes() for f in os.listdir(run / "checkpoints")}
+    assert (run / "checkpoints" / "ckpt_1_checkpoint.pt").stat().st_size > 4 << 20
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--path_resume", str(run), "--epoch", "2"],
+                       capture_output=True, text=True, env=run_env(), timeout=300, preexec_fn=file_size_limit(4 << 20))
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "Warning" not in line and "%|" not in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert "could not write checkpoint" in lines[0] and "the write stopped part-way" in lines[0]
+    assert {f: (run / "checkpoints" / f).read_bytes() for f in os.listdir(run / "checkpoints")} == before
+
+
+def test_a_log_line_is_written_whole_or_not_at_all(tmp_path):
+    script = ("import sys; from cli import append_line\n"
+              "for k in range(3):\n"
+              "    append_line(sys.argv[1], f'line {k} ' + 'x' * 30 + '\\n')\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "log.txt")], capture_output=True, text=True,
+                       env=run_env(), timeout=60, preexec_fn=file_size_limit(100))  # room for 2.5 lines
+    assert r.returncode != 0 and "OSError" in r.stderr  # a short write, or EFBIG at the limit
+    assert (tmp_path / "log.txt").read_text().splitlines() == [f"line {k} " + "x" * 30 for k in range(2)]
+
+
 def test_keep_last_prunes_only_after_a_new_checkpoint(tmp_path):
     run = tmp_path / "run"
     main(TINY + ["--epoch", "3", "--interval", "1", "--keep_last", "2", "--run_dir", str(run)])
@@ -157,6 +216,9 @@ MATRIX = [
     (T, ["--path_resume", "{d}/missing"], "does not exist"),
     (T, ["--path_resume", "{d}/nowhere"], "not a run dir"),
     (T, TINY + ["--run_dir", "{d}/taken"], "already exists"),
+    (T, ["--path_resume", "{d}/run", "--lr", "1e-3", "--epoch", "1500"], "the command line differs: --lr 0.001 (the "
+     "run has 0.0002); drop them"),
+    (T, ["--path_resume", "{d}/run", "--batchsize", "32"], "--batchsize 32 (the run has 64): without --global_batch"),
     (T, TINY + ["--mode", "proto_frozen", "--path_proto", "{d}/narrow.pt", "--run_dir", "{d}/new"], "do not fit"),
     (T, TINY + ["--mode", "proto_frozen", "--path_proto", "{d}/absent.pt", "--run_dir", "{d}/new"], "does not exist"),
     (T, TINY + ["--num_steps", "1"], "--num_steps"),
