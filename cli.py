@@ -66,6 +66,14 @@ def str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/1/0, got '{s}'")
 
 
+def float_list(s: str) -> list[float]:
+    """argparse type for lists of numbers like `0,1,1.8,3` (a single number is a list of one)."""
+    try:
+        return [float(p) for p in s.strip("[]() ").replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,1,1.8, got '{s}'") from None
+
+
 def int_list(s: str) -> list[int]:
     """argparse type for lists like `1,2,4,4` (also `[1,2,4,4]` and `1 2 4 4`)."""
     try:
@@ -122,6 +130,7 @@ def unset_or(rule: Rule, unset: str) -> Rule:
 
 
 NATIVE_OR_SIZE = Rule(lambda v: v == -1 or (_finite(v) and v >= 1), "-1 (native size) or >= 1", "0")
+FINITE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(x) for x in v), "finite numbers like 0,1,1.8", "nan")
 POSITIVE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(m) and m >= 1 for m in v), "positive integers like 1,2,4,4",
                      "0")
 def _auto_or_bool(v: Any) -> bool:
@@ -154,7 +163,7 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, 
     """The flags written in argv, even those given their default value (argparse fills in a default only for
     what the namespace it parses into does not hold yet)."""
     unset = object()
-    probe = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
     parser.parse_args(argv, probe)
     return tuple(sorted(name for name, value in vars(probe).items() if value is not unset))
 

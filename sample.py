@@ -9,6 +9,7 @@ only feature statistics travel between ranks. RUN may be a run dir of this code 
 original code (params.txt).
 """
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -23,8 +24,8 @@ from diffusion import GaussianDiffusion, make_betas
 from evaluate import (Sampler, Scoring, classifier_for, evaluate, few_images_warning, fid_record, image_labels,
                       reference_path)
 from fid import FEATURES, feature_width
-from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, Rule, UserError, append_line, at_least, check_flags,
-                 finite, one_of, run_cli, str2bool, unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, FINITE_LIST, Rule, UserError, append_line, at_least,
+                 check_flags, float_list, int_list, one_of, run_cli, str2bool, unset_or)
 from distributed import setup_distributed, teardown_distributed
 from runlog import RunLog
 from speed import resolve_fast_path
@@ -48,19 +49,22 @@ def _epochs_ok(spec: str) -> bool:
         return False
 
 
+CLASS_LIST = Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0, "distinct class indices like 0,3,7",
+                  "1,1")
 EPOCHS = Rule(_epochs_ok, "a saved epoch, a comma list of distinct ones (50,100,150) or all", "1,x")
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(0) for flag in ("eta", "seed")},
     **{flag: at_least(1) for flag in ("genum", "genbatch")},
     "epoch": EPOCHS,
     "num_steps": at_least(2),  # and at most the run's T, checked with it
-    "clsnum": unset_or(at_least(1), "all of the run's classes"), "w": unset_or(finite(), "the run's --w"),
+    "clsnum": unset_or(at_least(1), "all of the run's classes"), "w": unset_or(FINITE_LIST, "the run's --w"),
+    "classes": unset_or(CLASS_LIST, "the first --clsnum classes"),
     "weights": unset_or(one_of("ema", "raw"), "ema when the checkpoint has it"),
     "select": one_of("linear", "quadratic"), "label": one_of("range", "random"), "fid_features": one_of(*FEATURES),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank", "per_class")},
+                              "data_root", "out", "local_rank", "per_class", "skip_scored")},
 }
 
 
@@ -75,6 +79,22 @@ def resolve_epochs(path: str, spec: str) -> list[int]:
         raise UserError(f"no checkpoint for epoch {missing[0] if missing else spec} in {path}/checkpoints; saved "
                         f"epochs: {', '.join(map(str, saved)) or 'none'}")
     return epochs
+
+
+def already_scored(path: str, template: dict, per_class: bool) -> bool:
+    """Whether RUN/metrics.jsonl holds an fid record with every setting of `template` (its epoch included)."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return False
+    settings = {k: v for k, v in template.items() if k not in ("value", "step")}
+    for line in open(metrics):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(record.get(k) == v for k, v in settings.items()) and (not per_class or "per_class" in record):
+            return True
+    return False
 
 
 def main(args: argparse.Namespace) -> None:
@@ -101,8 +121,16 @@ def main(args: argparse.Namespace) -> None:
     diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "linear"), cfg["T"]), d.device, v=cfg.get("v", 1.0))
     if args.ddim and not 2 <= args.num_steps <= diffusion.T:
         raise UserError(f"--num_steps must be between 2 and T ({diffusion.T}); got {args.num_steps}")
-    w = cfg.get("w", 1.8) if args.w is None else args.w
-    clsnum = cfg["num_classes"] if args.clsnum is None else args.clsnum
+    ws = [cfg.get("w", 1.8)] if args.w is None else args.w
+    if args.classes is not None:
+        if max(args.classes) >= cfg["num_classes"]:
+            raise UserError(f"--classes {max(args.classes)} is not a class of the run (it has {cfg['num_classes']})")
+        if args.fid:
+            raise UserError("--classes samples a subset of the classes, and the FID reference holds every class; "
+                            "leave --fid out (images and grids), or leave --classes out")
+    classes = list(range(cfg["num_classes"] if args.clsnum is None else args.clsnum)) if args.classes is None \
+        else args.classes
+    clsnum = len(classes)
     if not 1 <= clsnum <= cfg["num_classes"]:
         raise UserError(f"--clsnum must be between 1 and the run's {cfg['num_classes']} classes")
     n = args.genum
@@ -110,43 +138,50 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
     if args.fid and n < 2:
         raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
-    # one epoch: PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with --png True,
-    # in OUT/samples_E (default RUN/samples_E)
-    several = len(epochs) > 1
+    # (epoch, w) pairs: one, PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with
+    # --png True, in OUT/samples_E (default RUN/samples_E), with _w{w} when several w are asked for
+    runs = [(e, w) for e in epochs for w in ws]
+    several = len(runs) > 1
     write_png = not several if str(args.png).lower() == "auto" else str2bool(args.png)
-    base = {e: args.out if args.out and not several else os.path.join(args.out or args.path, f"samples_{e}")
-            for e in epochs}
+    base = {(e, w): args.out if args.out and not several else
+            os.path.join(args.out or args.path, f"samples_{e}" + (f"_w{w:g}" if len(ws) > 1 else "")) for e, w in runs}
     if write_png:
-        taken = [base[e] for e in epochs if os.path.isdir(base[e]) and glob.glob(os.path.join(base[e], "*.png"))]
+        taken = [f for f in base.values() if os.path.isdir(f) and glob.glob(os.path.join(f, "*.png"))]
         if d.is_main and taken:
             raise UserError(f"{taken[0]} already holds PNGs; pass another --out (nothing was overwritten)")
         if d.world > 1:
             dist.barrier()  # nobody writes before rank 0 has checked the folders
-        for e in epochs:
-            os.makedirs(base[e], exist_ok=True)
+        for folder in base.values():
+            os.makedirs(folder, exist_ok=True)
     elif args.out:
         os.makedirs(args.out, exist_ok=True)  # the grids' folder
     classifier = classifier_for(clf_path).to(d.device) if clf_path else None
     data_root = args.data_root or cfg.get("data_root", "datasets")
     ref = args.ref_stats or reference_path(cfg, args.fid_features, data_root, clf_path)
-    sampler = Sampler.from_args(args, w=w, fast=fast, pixels=compat.pixels)
+    sampler = Sampler.from_args(args, w=ws[0], fast=fast, pixels=compat.pixels)
     if args.fid and (warning := few_images_warning(n, feature_width(args.fid_features, classifier))):
         say(warning)
     outcomes = []  # the compiles' outcomes, once the first batch has compiled the noise and the network
     sampling_net = sampler.prepare(net, (cfg["inch"], cfg["image_size"], cfg["image_size"]), cfg["cdim"], d.device,
                                    say, outcomes.append)
-    labels = image_labels(n, clsnum, args.label, args.seed)
+    labels = torch.tensor(classes)[image_labels(n, clsnum, args.label, args.seed)]
     per_class = min(10, n // clsnum) if args.label == "range" else 10
-    rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in range(clsnum)]
+    rows = [[i for i in range(n) if labels[i] == c][:per_class] for c in classes]
     grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
     scoring = Scoring(args.fid_features, ref, data_root, classifier, clf_path, args.inception_weights,
                       args.per_class) if args.fid else None
-    for epoch in epochs:
+    for epoch, w in runs:
+        sampler = dataclasses.replace(sampler, w=w)  # the prepared network and noise serve every w
+        if scoring is not None and args.skip_scored and already_scored(args.path, fid_record(
+                {"fid": None, "n": n}, scoring, sampler, diffusion.T, epoch, None, weights or "ema", spec, args.label),
+                args.per_class):
+            say(f"epoch {epoch}, w {w}: already scored with these settings ({args.path}/metrics.jsonl); skipped")
+            continue
         position = load_epoch(net, cemblayer, args.path, epoch, weights)
         say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
             f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
         result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
-                          base[epoch] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main,
+                          base[epoch, w] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main,
                           group=d.control)
         kept = result["kept"]
         if d.world > 1:  # the grid's few images, from whichever rank drew them
@@ -154,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
             dist.all_gather_object(shares, kept)
             kept = {i: img for share in shares for i, img in share.items()}
         if d.is_main:
-            write_outputs(args, result, kept, grid_indices, per_class, base[epoch], write_png, position, sampler,
+            write_outputs(args, result, kept, grid_indices, per_class, base[epoch, w], write_png, position, sampler,
                           diffusion.T, scoring, outcomes, spec)
     teardown_distributed()
 
@@ -192,10 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--select", default="linear", help="DDIM timestep selection: linear or quadratic")
-    p.add_argument("--w", type=float, default=None, help="guidance strength (default: the run's --w)")
+    p.add_argument("--w", type=float_list, default=None, help="guidance strength, or a comma list of them (0,1,1.8,3): "
+                   "each is sampled (and scored) in turn by the same network, one record per value; default: the "
+                   "run's --w")
     p.add_argument("--genum", type=int, default=5600, help="images to generate (with or without --fid)")
     p.add_argument("--genbatch", type=int, default=80, help="images per forward pass on each device")
     p.add_argument("--clsnum", type=int, default=None, help="classes to sample (default: all of the run's)")
+    p.add_argument("--classes", type=int_list, default=None, help="sample these classes only (a comma list of class "
+                   "indices, image i of class classes[i mod count]); not with --fid, whose reference holds every "
+                   "class")
     p.add_argument("--label", default="range", help="range: class i mod clsnum (balanced); random: uniform")
     p.add_argument("--fid", type=str2bool, default=False, help="also measure FID of the generated images")
     p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
@@ -219,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "since a curve over many epochs needs the numbers)")
     p.add_argument("--per_class", type=str2bool, default=False, help="with --fid, also each class's FID (its samples "
                    "against its own reference statistics, cached beside the all-class file) and class accuracy")
+    p.add_argument("--skip_scored", type=str2bool, default=False, help="with --fid, skip the epochs that PATH/metrics.jsonl "
+                   "already has a record of with every setting of this command (a rerun after a preemption)")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
     p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
                    "CUDA, none on CPU); features for FID are always computed in fp32")

@@ -5,6 +5,10 @@
 # stl10.sh and tiny_imagenet.sh, which set the dataset's defaults; every setting below can be overridden from the
 # environment.
 # `--dry-run` prints the exact commands without running them.
+# Rerunnable: after a failure or a preemption the same command goes on where it stopped (finished classifiers are
+# kept, each arm continues from its newest checkpoint, epochs already scored with the same settings are skipped).
+# LAUNCH replaces the launcher (scripts/slurm.sbatch sets srun + a multi-node torchrun); NGPU is then the total
+# number of processes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DRY=0
@@ -31,20 +35,26 @@ COMPAT=${COMPAT:-none}            # original: what the authors' code ran (train.
 WEIGHTS=EMA
 [[ ",$COMPAT," == *,original,* || ",$COMPAT," == *,raw_weights,* ]] && WEIGHTS=raw
 PY=${PY:-.venv/bin/python}
-RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU"
+RUN=${LAUNCH:-"$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU"}
 
 run() {
   echo "+ $*"
   if [ "$DRY" = 0 ]; then eval "$@"; fi
 }
 
+# a classifier is written once, at its end (atomically): a rerun keeps it
+classifier() {
+  if [ -f "$1" ]; then echo "# kept $1"; else run "$RUN train_classifier.py $2 --out $1"; fi
+}
+
 [ "$DRY" = 1 ] || source scripts/setup.sh
-run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $SEED --out $OUT/prototypes.pt $EXTRA"
-run "$RUN train_classifier.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS --seed $((SEED + 1)) --out $OUT/eval_classifier.pt $EXTRA"
+CLS="--dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --epoch $CLS_EPOCHS $EXTRA"
+classifier "$OUT/prototypes.pt" "$CLS --seed $SEED"
+classifier "$OUT/eval_classifier.pt" "$CLS --seed $((SEED + 1))"
 for mode in $MODES; do
-  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --global_batch $GLOBAL_BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode --compat $COMPAT $EXTRA"
+  run "$RUN train.py --dataset $DATASET --data_root $DATA_ROOT --image_size $IMAGE_SIZE --chmul $CHMUL --cdim 128 --batchsize $BATCH --global_batch $GLOBAL_BATCH --lr $LR --epoch $EPOCHS --interval $INTERVAL --sample_every $INTERVAL --ddim True --seed $SEED --mode $mode --path_proto $OUT/prototypes.pt --run_dir $OUT/runs/$mode --if_exists continue --compat $COMPAT $EXTRA"
   # every saved epoch in one process: the network compiles once, Inception and the reference load once
-  run "$RUN sample.py --path $OUT/runs/$mode --epoch all --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --per_class $PER_CLASS --data_root $DATA_ROOT"
+  run "$RUN sample.py --path $OUT/runs/$mode --epoch all --ddim True --num_steps 50 --genum $GENUM --genbatch 250 --fid True --per_class $PER_CLASS --skip_scored True --data_root $DATA_ROOT"
 done
 runs=""
 for mode in $MODES; do runs="$runs $OUT/runs/$mode"; done

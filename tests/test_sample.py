@@ -131,6 +131,22 @@ def test_proto_fid_with_classifier_features_and_class_accuracy(run_dir, tmp_path
     record = json.loads(open(os.path.join(run_dir, "fid_2.txt")).read().splitlines()[-1])
     assert record["metric"] == "proto-FID" and 0 <= record["class_accuracy"] <= 1
 
+    # a guidance study in one process, rerun as after a preemption: what is scored with these settings is skipped
+    study = ["--path", run_dir, "--epoch", "all", "--w", "1.8,0", "--ddim", "True", "--num_steps", "3", "--genum", "20",
+             "--genbatch", "20", "--fid", "True", "--fid_features", "classifier", "--path_proto", str(clf),
+             "--data_root", str(tmp_path / "data"), "--skip_scored", "True"]
+    r = sample(study)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "epoch 2, w 1.8: already scored" in r.stdout and r.stdout.count("sampling 20 images") == 3
+    scored = {(x["epoch"], x["w"]): x["value"] for x in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+              if x["event"] == "fid" and x["n"] == 20 and x["metric"] == "proto-FID"}
+    assert set(scored) == {(1, 1.8), (1, 0.0), (2, 1.8), (2, 0.0)} and scored[2, 0.0] != scored[2, 1.8]
+    assert sample(study).stdout.count("already scored") == 4
+    plot = run_program("plot_fid.py", [run_dir, "--against", "w", "--epoch", "2", "--out", str(tmp_path / "w.png")])
+    assert plot.returncode == 0 and (tmp_path / "w.png").stat().st_size > 0, plot.stderr
+    import plot_fid
+    assert plot_fid.fid_curve(run_dir, against="w", epoch=2)[2:] == ([0.0, 1.8], [scored[2, 0.0], scored[2, 1.8]])
+
 
 def test_a_run_dir_of_the_original_code_samples(run_dir, tmp_path):
     ours = torch.load(os.path.join(run_dir, "checkpoints", "ckpt_2_checkpoint.pt"), weights_only=True)
