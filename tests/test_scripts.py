@@ -1,6 +1,8 @@
 import os
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -90,3 +92,51 @@ def test_class0_check_dry_run_trains_the_two_baselines_with_one_seed_and_audits_
     scores = [sample.build_parser().parse_args(c[2:]) for c in commands if c[1] == "sample.py"]
     assert all(s.per_class and s.eval_classifier == clf.out and s.epoch == str(runs[0].epoch) for s in scores)
     assert commands[-1][2:] == [a.run_dir for a in runs] and not os.path.exists(out)
+
+
+def fake_slurm(tmp_path):
+    """A PATH with scontrol and scancel that log their calls (scancel also stops the fake step), and SLURM's env."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho scontrol \"$@\" >> {log}\n"
+                                      "[ \"$1\" = show ] && printf 'gpu-a\\ngpu-b\\n'\nexit 0\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho scancel \"$@\" >> {log}\nkill -TERM $(cat {tmp_path}/step.pid)\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="gpu-[a-b]", GPUS_PER_NODE="4", SLURM_SUBMIT_DIR=ROOT)
+    return env, log
+
+
+def test_the_slurm_script_launches_every_command_on_all_nodes_at_the_papers_global_batch(tmp_path):
+    env, _ = fake_slurm(tmp_path)
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), "scripts/cifar10.sh", "--dry-run"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    launched = [c for c in commands if "plot_fid.py" not in c]
+    assert len(launched) == 12  # 2 classifiers, 5 x (train, sample)
+    for cmd in launched:
+        assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+        assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
+                "--rdzv_endpoint=gpu-a:29500"} <= set(cmd)
+    runs = [train.build_parser().parse_args(c[c.index("train.py") + 1:]) for c in commands if "train.py" in c]
+    assert {(a.global_batch, a.batchsize, a.if_exists) for a in runs} == {(256, 32, "continue")}  # 8 GPUs x 32
+    scores = [sample.build_parser().parse_args(c[c.index("sample.py") + 1:]) for c in commands if "sample.py" in c]
+    assert all(s.skip_scored for s in scores)
+
+
+def test_the_slurm_script_stops_the_running_step_and_requeues_before_the_time_limit(tmp_path):
+    env, log = fake_slurm(tmp_path)
+    step = tmp_path / "step.sh"  # stands for the pipeline: ends when its step is cancelled with SIGTERM
+    step.write_text(f"echo $$ > {tmp_path}/step.pid\nsleep 60 & trap 'kill $!; exit 0' TERM\nwait\n")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), str(step)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "step.pid").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "requeueing" in err, err
+    calls = log.read_text().splitlines()
+    assert calls[-2:] == ["scancel --signal=TERM 42", "scontrol requeue 42"], calls
