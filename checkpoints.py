@@ -2,7 +2,9 @@
 models come back.
 
 A run dir holds `config.json`, `log.txt`, `metrics.jsonl`, `samples/` and `checkpoints/ckpt_{epoch}_checkpoint.pt`
-(the original's name) or `step_{global step}_checkpoint.pt`, plus `last_epoch.pt`, which names the newest.
+(the original's name) or `step_{global step}_checkpoint.pt`, plus `last_epoch.pt`, which names the newest. With
+--keep_last K every saved epoch also gets `weights_{epoch}.pt`, the weights sampling needs (a quarter of a full
+state), and only the newest K full states stay.
 The original code's run dirs (`params.txt` + its checkpoints) are read too.
 """
 import glob
@@ -116,16 +118,19 @@ def run_models(run_dir: str, state: dict, weights: str = "raw") -> tuple[Unet, C
 
 
 def saved_epochs(path: str) -> list[int]:
-    """The epochs a run dir holds checkpoints of (ckpt_{epoch}_checkpoint.pt), in order."""
-    return sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "checkpoints", "ckpt_*_checkpoint.pt"))
-                  if (m := re.search(r"ckpt_(\d+)_checkpoint\.pt$", f)))
+    """The epochs a run dir can sample (ckpt_{epoch}_checkpoint.pt or weights_{epoch}.pt), in order."""
+    names = (os.path.basename(f) for f in glob.glob(os.path.join(path, "checkpoints", "*.pt")))
+    return sorted({int(m.group(1) or m.group(2)) for f in names
+                   if (m := re.fullmatch(r"ckpt_(\d+)_checkpoint\.pt|weights_(\d+)\.pt", f))})
 
 
 def epoch_state(path: str, epoch: int, weights: str | None) -> tuple[dict, str]:
-    """(checkpoint, weights to use) of a run dir's saved epoch; `weights` None means EMA when saved."""
-    ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
+    """(checkpoint or weights file, weights to use) of a run dir's saved epoch; `weights` None means EMA when saved."""
     if not os.path.isdir(path):
         raise UserError(f"--path {path} is not a directory")
+    ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
+    if not os.path.isfile(ckpt_path):
+        ckpt_path = os.path.join(path, "checkpoints", f"weights_{epoch}.pt")
     if not os.path.isfile(ckpt_path):
         raise UserError(f"no checkpoint for epoch {epoch} in {path}/checkpoints; saved epochs: "
                         f"{', '.join(map(str, saved_epochs(path))) or 'none'}")
@@ -133,7 +138,11 @@ def epoch_state(path: str, epoch: int, weights: str | None) -> tuple[dict, str]:
     if weights is None:
         weights = "ema" if "ema" in state else "raw"
     if weights == "ema" and "ema" not in state:
-        raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none); use --weights raw")
+        raise UserError(f"{ckpt_path} holds no EMA weights (the original code kept none, and a weights file of a "
+                        "--compat raw_weights run keeps the raw ones); use --weights raw")
+    if weights == "raw" and "net" not in state:
+        raise UserError(f"{ckpt_path} holds the EMA weights only (a --keep_last run keeps full states for its newest "
+                        "epochs); use --weights ema")
     return state, weights
 
 
@@ -192,12 +201,13 @@ def latest_checkpoint(run_dir: str) -> str:
 
 
 def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, steps_per_epoch: int, cfg: dict,
-                    world: int, keep_last: int) -> str:
+                    world: int, keep_last: int, weights: str = "ema") -> str:
     """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
 
     Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
     last_epoch.pt names the newest and is replaced only after it is safely on disk. Every rank hands in its
-    RNG state, so a resumed run continues bit for bit.
+    RNG state, so a resumed run continues bit for bit. With keep_last K, an epoch also gets weights_{epoch}.pt
+    (the `weights` sampling uses, ema or raw) and only the newest K full states are kept.
     """
     states = [None] * world
     if world > 1:
@@ -211,6 +221,11 @@ def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, step
         return os.path.join(ckpt_dir, name)
     ckpt = dict(state.state_dict(), epoch=epoch, step=step, global_step=global_step, rng=states, config=cfg)
     try:
+        if keep_last > 0 and step == 0:  # the epoch's sampling weights outlive its full state
+            part = {"ema": {k: v for k, v in ckpt["ema"].items() if k != "updates"}} if weights == "ema" else \
+                {"net": ckpt["net"], "cemblayer": ckpt["cemblayer"]}
+            save_atomic(dict(part, epoch=epoch, global_step=global_step, config=cfg),
+                        os.path.join(ckpt_dir, f"weights_{epoch}.pt"))
         save_atomic(ckpt, os.path.join(ckpt_dir, name))
         save_atomic({"last_epoch": epoch, "file": name}, os.path.join(ckpt_dir, "last_epoch.pt"))
     except OSError as e:

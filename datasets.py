@@ -128,13 +128,25 @@ def _digits(split: str) -> ImageData:
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8)[:, None]
     labels = torch.from_numpy(d.target).long()
-    rank_in_class = torch.zeros_like(labels)
-    for c in range(10):
-        members = (labels == c).nonzero()[:, 0]
+    return held_out_split(ImageData(images, labels, [str(i) for i in range(10)]), split, every=5)  # 20% held out
+
+
+def held_out_split(data: ImageData, split: str, every: int) -> ImageData:
+    """A fixed split of a dataset that has none: every `every`-th image of each class (in file order) is `test`."""
+    rank_in_class = torch.zeros_like(data.labels)
+    for c in range(len(data.classes)):
+        members = (data.labels == c).nonzero()[:, 0]
         rank_in_class[members] = torch.arange(len(members))
-    held_out = rank_in_class % 5 == 0  # a fixed 20% of every class
+    held_out = rank_in_class % every == 0
     keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
-    return ImageData(images[keep], labels[keep], [str(i) for i in range(10)])
+    return ImageData(data.images[keep], data.labels[keep], data.classes)
+
+
+def folder_cache(folder: str) -> str:
+    """Where the project keeps what it derives from an image folder (decoded tensors, FID statistics): never inside
+    the folder, whose sub-folders are its classes. $PROTODIFFUSION_CACHE, else ~/.cache/protodiffusion."""
+    root = os.environ.get("PROTODIFFUSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "protodiffusion")
+    return os.path.join(root, "imagefolder_" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12])
 
 
 def _synthetic(size: int) -> ImageData:
@@ -253,10 +265,8 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
         if split == "test":
             return _tiny_val(train_dir, folder, image_size, workers)
         data = _image_folder(train_dir, image_size, workers, cache_dir)
-    else:
-        if split == "test":
-            raise DatasetError("imagefolder has no test split")
-        data = _image_folder(data_root, image_size, workers, os.path.join(data_root, ".cache"))
+    else:  # a tenth of each class held out, for train_classifier.py's test split
+        data = held_out_split(_image_folder(data_root, image_size, workers, folder_cache(data_root)), split, every=10)
     data.images = resize_uint8(data.images, image_size)
     return data
 

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cli import UserError
-from datasets import DatasetError, Pixels, class_grid_labels, load_dataset, save_grid, save_png, to_float
+from datasets import (DatasetError, Pixels, class_grid_labels, folder_cache, load_dataset, save_grid, save_png,
+                      to_float)
 from diffusion import GaussianDiffusion, ddim_timesteps
 from distributed import AgreedFailure, Dist, run_agreed
 from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
@@ -230,7 +231,8 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
     tag = features
     if features == "classifier":
         tag += "-" + hashlib.sha1(open(path_proto, "rb").read()).hexdigest()[:10]
-    return os.path.join(data_root, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
+    folder = folder_cache(data_root) if cfg["dataset"] == "imagefolder" else data_root  # nothing inside class folders
+    return os.path.join(folder, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
 
 
 def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, labels: torch.Tensor,

@@ -274,7 +274,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
 
     def save(epoch: int, step_in_epoch: int) -> str:
         """The checkpoint (every rank hands in its RNG state) and, with compile, rank 0's compile cache."""
-        path = save_checkpoint(run_dir, state, epoch, step_in_epoch, len(batches), cfg, d.world, args.keep_last)
+        path = save_checkpoint(run_dir, state, epoch, step_in_epoch, len(batches), cfg, d.world, args.keep_last,
+                               compat.weights)
         if fast.compile and d.is_main:
             save_compile_cache(compile_cache)
         return path
@@ -353,7 +354,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                      f"{sample_grid(diffusion, sampling_net, sampled['cemblayer'], cfg, sampler, grid)}")
         if evaluator is not None and (done % args.fid_every == 0 or last):
             evaluate_or_skip(evaluator, sampling_net, sampled["cemblayer"], done, step, log)
-        if done % args.interval == 0 or last:
+        if done % args.interval == 0 or last or done in (args.save_epochs or ()):
             log.line(f"checkpoint -> {save(done, 0)}")
 
     # --- teardown

@@ -29,6 +29,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "fid_num": at_least(2),  # a covariance needs two images
     "num_steps": at_least(2),  # and at most --T, checked with it
     "image_size": NATIVE_OR_SIZE, "chmul": POSITIVE_LIST,
+    "save_epochs": unset_or(POSITIVE_LIST, "only every --interval"),
     **{flag: unset_or(at_least(1), "the dataset's channels") for flag in ("inch", "outch")},
     "clsnum": unset_or(at_least(1), "all classes, at most 10"),
     "lr": above(0), "multiplier": at_least(1),  # the warm-up starts at lr and rises to lr x multiplier
@@ -103,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "none; the command a requeued job runs again)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all, with a checkpoint "
                    "to resume from (0: run all epochs)")
-    p.add_argument("--keep_last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    p.add_argument("--keep_last", type=int, default=0, help="keep the full training state (for resuming) of the "
+                   "newest K checkpoints only; every saved epoch keeps its sampling weights in weights_EPOCH.pt, so "
+                   "sample.py --epoch all still sees them all (0: keep every full state, and no weights files)")
+    p.add_argument("--save_epochs", type=int_list, default=None, help="also save at these epochs, e.g. the "
+                   "log-spaced early ones 1,2,4,8,16,32 that an FID curve of early training needs (default: only "
+                   "every --interval)")
     p.add_argument("--mode", default="regular", help=f"class table: {' / '.join(MODES)}")
     p.add_argument("--path_proto", default=None, help="prototype file for the proto modes")
     p.add_argument("--proto_norm", default="keep", help="row norm of the table a proto mode or control builds: keep "

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two workers share the 2 cores
+os.environ["PROTODIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="protodiffusion_cache_")  # not the user's ~/.cache
 
 # the smallest UNet the code accepts, on native 8x8 one-channel digits
 TINY = ["--dataset", "digits", "--modch", "32", "--chmul", "1,2", "--numres", "1", "--batchsize", "64",

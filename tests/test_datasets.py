@@ -41,17 +41,23 @@ def test_missing_cifar10_names_the_folder(tmp_path):
         load_dataset("mnist", "train")
 
 
-def test_imagefolder_decodes_and_caches(tmp_path):
+def test_imagefolder_decodes_caches_outside_the_folder_and_holds_out_a_tenth(tmp_path):
     from PIL import Image
+    folder = tmp_path / "pets"
     for c in ("cat", "dog"):
-        (tmp_path / c).mkdir()
-        for i in range(3):
-            Image.new("RGB", (12, 12), (40 * i,) * 3).save(tmp_path / c / f"{i}.png")
-    data = load_dataset("imagefolder", data_root=str(tmp_path), image_size=8)
-    assert data.images.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"]
-    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert list((tmp_path / ".cache").iterdir())
-    assert torch.equal(load_dataset("imagefolder", data_root=str(tmp_path), image_size=8).images, data.images)
+        (folder / c).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (12, 12), (20 * i,) * 3).save(folder / c / f"{i}.png")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    data = load_dataset("imagefolder", data_root=str(folder), image_size=8)
+    assert data.images.shape == (24, 3, 8, 8) and data.classes == ["cat", "dog"]
+    assert data.labels.tolist() == [0] * 12 + [1] * 12
+    assert load_dataset("imagefolder", data_root=str(folder), image_size=16).images.shape == (24, 3, 16, 16)
+    assert torch.equal(load_dataset("imagefolder", data_root=str(folder), image_size=8).images, data.images)  # cached
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing of ours inside
+    train, test = (load_dataset("imagefolder", s, data_root=str(folder), image_size=8) for s in ("train", "test"))
+    assert test.labels.tolist() == [0, 0, 1, 1] and len(train.labels) == 20  # images 0 and 10 of each class
+    assert torch.equal(test.images[0], data.images[0]) and torch.equal(test.images[1], data.images[10])
 
 
 def test_sharded_batches_partition_each_epoch():

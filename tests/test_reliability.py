@@ -173,11 +173,19 @@ def test_a_log_line_is_written_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "log.txt").read_text().splitlines() == [f"line {k} " + "x" * 30 for k in range(2)]
 
 
-def test_keep_last_prunes_only_after_a_new_checkpoint(tmp_path):
+def test_keep_last_keeps_every_saved_epochs_sampling_weights_and_the_newest_full_states(tmp_path, straight):
     run = tmp_path / "run"
-    main(TINY + ["--epoch", "3", "--interval", "1", "--keep_last", "2", "--run_dir", str(run)])
-    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt_2_checkpoint.pt", "ckpt_3_checkpoint.pt",
-                                                       "last_epoch.pt"]
+    main(TINY + ["--epoch", "2", "--interval", "5", "--save_epochs", "1", "--keep_last", "1", "--run_dir", str(run)])
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt_2_checkpoint.pt", "last_epoch.pt", "weights_1.pt",
+                                                       "weights_2.pt"]
+    assert checkpoints.saved_epochs(str(run)) == [1, 2]  # what sample.py --epoch all scores
+    net, cemblayer, _, used = checkpoints.load_run(str(run), 2, None)
+    assert used == "ema" and all(torch.equal(v, straight["ema"][k]) for k, v in net.state_dict().items())
+    assert checkpoints.load_run(str(run), 1, None)[3] == "ema"  # epoch 1's full state is gone, its weights stay
+    with pytest.raises(UserError, match="holds the EMA weights only"):
+        checkpoints.load_run(str(run), 1, "raw")
+    full = (run / "checkpoints" / "ckpt_2_checkpoint.pt").stat().st_size
+    assert (run / "checkpoints" / "weights_2.pt").stat().st_size < 0.3 * full  # EMA only: no raw weights, no moments
 
 
 def test_a_nan_loss_stops_with_step_and_epoch_and_saves_nothing(tmp_path):

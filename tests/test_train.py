@@ -124,3 +124,31 @@ def test_bad_flags_get_one_error_line(tmp_path, tiny_args, flags, msg):
     r = run_program("train.py", tiny_args + flags + ["--epoch", "1", "--results", str(tmp_path)])
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_own_image_folder_trains_a_classifier_evaluates_and_reruns_with_nothing_written_inside(tmp_path):
+    folder = tmp_path / "flowers"
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("daisy", "rose", "tulip")):
+        (folder / name).mkdir(parents=True)
+        for i in range(40):
+            pixels = (torch.rand(12, 12, 3, generator=g) * 60 + 90 * c).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    clf = tmp_path / "clf.pt"
+    r = run_program("train_classifier.py", ["--dataset", "imagefolder", "--data_root", str(folder), "--image_size", "8",
+                                            "--pretrained", "False", "--epoch", "1", "--batchsize", "32", "--cdim", "16",
+                                            "--out", str(clf)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    command = ["--dataset", "imagefolder", "--data_root", str(folder), "--image_size", "8", "--modch", "32", "--chmul",
+               "1,2", "--numres", "1", "--cdim", "16", "--batchsize", "24", "--epoch", "2", "--ddim", "True",
+               "--num_steps", "3", "--genbatch", "6", "--fid_every", "1", "--fid_num", "12", "--fid_features",
+               "classifier", "--eval_classifier", str(clf), "--run_dir", str(tmp_path / "run"), "--if_exists",
+               "continue"]
+    for attempt in (command + ["--max_steps", "6"], command, command):  # stopped, continued, finished
+        r = run(attempt)
+        assert r.returncode == 0, r.stderr[-2000:]
+    fids = [x for x in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if x["event"] == "fid"]
+    assert [x["epoch"] for x in fids] == [1, 2] and all(x["metric"] == "proto-FID" for x in fids)
+    assert "nothing to do" in r.stdout
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
