@@ -50,6 +50,19 @@ def test_the_pipeline_trains_at_the_papers_global_batch_on_any_gpu_count(ngpu, b
     assert train.micro_batches(args.global_batch, args.batchsize, ngpu) * batch * ngpu == 256
 
 
+def test_the_pipeline_saves_log_spaced_early_epochs_light_and_estimates_each_arm():
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
+                       text=True, env=dict(os.environ, NGPU="4"), cwd=ROOT)
+    cmd = shlex.split(next(line[2:] for line in r.stdout.splitlines() if " train.py " in line))
+    args = train.build_parser().parse_args(cmd[cmd.index("train.py") + 1:])
+    assert (args.save_epochs, args.interval, args.epoch, args.keep_last) == ([1, 2, 4, 8, 16, 32], 50, 1500, 2)
+    # 1500 epochs x 60,000 images at 1,596 img/s; 30 + 6 saved epochs x 10,000 images at 96 img/s;
+    # 36 weights files of 113.0 MB and 2 full states of 452.2 MB
+    hours, score, disk = 1500 * 60000 / 1596 / 3600, 36 * 10000 / 96 / 3600, (36 * 113.0 + 2 * 452.2) / 1000
+    assert (f"# estimate per arm: training {hours:.1f} GPU-h, scoring 36 epochs {score:.1f} GPU-h, disk {disk:.1f} GB"
+            in r.stdout)
+
+
 def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
     out = str(tmp_path / "study")
     env = dict(os.environ, OUT=out, SEEDS="3")
