@@ -55,8 +55,11 @@ classifier() {
 estimate() {
   local images saves
   images=$(case $DATASET in cifar10) echo 60000;; stl10) echo 13000;; tiny-imagenet) echo 100000;; *) echo 0;; esac)
-  saves=$(( EPOCHS / INTERVAL + $(for e in ${EARLY//,/ }; do [ $((e % INTERVAL)) -ne 0 ] && [ "$e" -le "$EPOCHS" ] && echo x; done | wc -l) ))
-  [ $((EPOCHS % INTERVAL)) -ne 0 ] && saves=$((saves + 1))
+  saves=$((EPOCHS / INTERVAL))
+  if [ $((EPOCHS % INTERVAL)) -ne 0 ]; then saves=$((saves + 1)); fi  # the last epoch is always saved
+  for e in ${EARLY//,/ }; do
+    if [ $((e % INTERVAL)) -ne 0 ] && [ "$e" -lt "$EPOCHS" ]; then saves=$((saves + 1)); fi
+  done
   awk -v e="$EPOCHS" -v n="$images" -v s="$IMAGE_SIZE" -v k="$saves" -v g="$GENUM" -v keep="$KEEP_LAST" -v arms="$(echo $MODES | wc -w)" 'BEGIN {
     px = (s / 32) ^ 2; train = e * n / (1596 / px) / 3600; score = k * g / (96 / px) / 3600
     disk = (k * 113.0 + (keep < k ? keep : k) * 452.2) / 1000
