@@ -66,6 +66,18 @@ def str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/1/0, got '{s}'")
 
 
+def bool_or_classes(s: str) -> bool | list[int]:
+    """argparse type for True/False or a comma list of class indices (0,3,7)."""
+    try:
+        return str2bool(s)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return int_list(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True, False or class indices like 0,3,7, got '{s}'") from None
+
+
 def float_list(s: str) -> list[float]:
     """argparse type for lists of numbers like `0,1,1.8,3` (a single number is a list of one)."""
     try:
@@ -130,6 +142,8 @@ def unset_or(rule: Rule, unset: str) -> Rule:
 
 
 NATIVE_OR_SIZE = Rule(lambda v: v == -1 or (_finite(v) and v >= 1), "-1 (native size) or >= 1", "0")
+CLASSES_OR_BOOL = Rule(lambda v: isinstance(v, bool) or (len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0),
+                       "True, False or distinct class indices like 0,3,7", "-1")
 FINITE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(x) for x in v), "finite numbers like 0,1,1.8", "nan")
 POSITIVE_LIST = Rule(lambda v: len(v) > 0 and all(_finite(m) and m >= 1 for m in v), "positive integers like 1,2,4,4",
                      "0")

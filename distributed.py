@@ -120,12 +120,12 @@ def run_agreed(work: Callable[[], T], group: Any = None) -> T:
     return result
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's value of obj on every rank."""
+def broadcast_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's value of obj on every rank (of `group`, default all)."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

@@ -25,8 +25,9 @@ from cli import UserError
 from datasets import (DatasetError, Pixels, class_grid_labels, folder_cache, load_dataset, save_grid, save_png,
                       to_float)
 from diffusion import GaussianDiffusion, ddim_timesteps
-from distributed import AgreedFailure, Dist, run_agreed
-from fid import FeatureStats, dataset_stats, feature_width, frechet_distance, load_or_make_reference, make_extractor
+from distributed import AgreedFailure, Dist, broadcast_object, run_agreed
+from fid import (GEN_PER_CLASS, NARROW, ClassFeatures, FeatureStats, dataset_stats, feature_width, frechet_distance,
+                 kernel_distance, load_or_make_reference, make_extractor)
 from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
 from runlog import RunLog
 from speed import FastPath, compile_or_eager
@@ -159,8 +160,14 @@ class Scoring:
     classifier: nn.Module | None = None  # proto-FID features and class accuracy
     classifier_file: str | None = None  # where it came from, for the records
     inception_weights: str | None = None
-    per_class: bool = False  # also each class's FID against that class's reference statistics
+    per_class: bool | list[int] = False  # per-class figures (KID; FID too in a narrow space) of all or these classes
     made: dict = field(default_factory=dict)  # the extractor and the reference, once made
+
+    def classes(self, num_classes: int) -> list[int]:
+        """The classes the per-class figures are for (none when per_class is off)."""
+        if self.per_class is True:
+            return list(range(num_classes))
+        return [c for c in self.per_class if c < num_classes] if self.per_class else []
 
     @property
     def metric(self) -> str:
@@ -174,8 +181,8 @@ class Scoring:
         return self.made["extractor"]
 
     def reference_stats(self, cfg: dict, device: torch.device, rank: int, world: int, group: Any = None) -> tuple:
-        """(mu, sigma) of the training set and, with per_class, each class's (None: under two images), made once
-        (by every rank of `group` together, their failures agreed)."""
+        """(mu, sigma) of the training set and, with per_class, its per-class figures' references (fid.read_reference),
+        made once (by every rank of `group` together, their failures agreed)."""
         if "reference" not in self.made:
             extract, dim = self.extractor(device)
 
@@ -250,10 +257,13 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
     hits = torch.zeros(classes, 2, dtype=torch.float64, device=device)  # per class: correctly classified, classified
     kept = {}
 
-    def sample_and_extract() -> FeatureStats | None:
+    chosen = scoring.classes(classes) if scoring is not None else []
+
+    def sample_and_extract() -> tuple[FeatureStats, ClassFeatures] | None:
         if scoring is not None:
             extract, dim = scoring.extractor(device)
-            stats = FeatureStats(dim, device, classes if scoring.per_class else 1)
+            stats = FeatureStats(dim, device, classes if chosen and dim <= NARROW else 1)  # per class when narrow
+            kept_features = ClassFeatures(chosen, GEN_PER_CLASS)
         writer = PngWriter(out_dir) if out_dir is not None else None
         try:
             for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels,
@@ -264,7 +274,10 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
                 if scoring is None:
                     continue
                 chunk_labels = labels[chunk].to(device)
-                stats.add(extract(u8), chunk_labels)
+                feats = extract(u8)
+                stats.add(feats, chunk_labels)
+                if chosen:
+                    kept_features.add(feats, labels[chunk], chunk)
                 if scoring.classifier is not None:
                     with torch.inference_mode():
                         _, logits = scoring.classifier(to_float(u8.to(device)))
@@ -274,35 +287,50 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
         finally:
             if writer is not None:
                 writer.close()
-        return stats if scoring is not None else None
+        return (stats, kept_features) if scoring is not None else None
 
-    stats = run_agreed(sample_and_extract, group)
+    sampled = run_agreed(sample_and_extract, group)
     if scoring is None:
         return {"kept": kept}
+    stats, kept_features = sampled
     stats.all_reduce()
     if world > 1:
         dist.all_reduce(hits)
+    generated = kept_features.gather(group) if chosen else None
     (mu_ref, sigma_ref), class_refs = scoring.reference_stats(cfg, device, rank, world, group)
     result = {"fid": frechet_distance(*stats.mu_sigma(), mu_ref, sigma_ref), "n": stats.n, "kept": kept}
     if scoring.classifier is not None:
         result["class_accuracy"] = (hits[:, 0].sum() / hits[:, 1].sum()).item()
-    if scoring.per_class:
-        result["per_class"] = per_class_figures(stats, class_refs, hits if scoring.classifier is not None else None)
+    if chosen:  # scored once, on rank 0, and handed to the others
+        counts = torch.bincount(labels, minlength=classes).tolist()
+        figures = run_agreed(lambda: per_class_figures(chosen, counts, stats, generated, class_refs,
+                                                       hits if scoring.classifier is not None else None)
+                             if rank == 0 else None, group)
+        result["per_class"] = broadcast_object(figures, group) if world > 1 else figures
     return result
 
 
-def per_class_figures(stats: FeatureStats, class_refs: list, hits: torch.Tensor | None) -> dict:
-    """Each class's image count, FID against its own reference (None: under two images on either side, or a
-    covariance product with no real square root) and, with a classifier, class accuracy."""
-    fids = []
-    for c, ref in enumerate(class_refs):
-        try:
-            fids.append(frechet_distance(*stats.mu_sigma(c), *ref) if ref is not None else None)
-        except UserError:
-            fids.append(None)
-    out = {"n": [int(x) for x in stats.count.tolist()], "fid": fids}
+def per_class_figures(chosen: list[int], counts: list[int], stats: FeatureStats, generated: ClassFeatures,
+                      class_refs: dict, hits: torch.Tensor | None) -> dict:
+    """For each chosen class (lists indexed by class, None for the others): its image count, KID against its own
+    reference features, in a narrow feature space its FID against its own statistics (None: under two images on
+    either side, or a covariance product with no real square root) and, with a classifier, class accuracy."""
+    classes = len(counts)
+    out = {"classes": chosen, "n": [counts[c] if c in chosen else None for c in range(classes)],
+           "kid": [None] * classes}
+    for c in chosen:
+        out["kid"][c] = kernel_distance(generated.of(c), class_refs["features"].of(c))
+    if class_refs["stats"] is not None and len(stats.count) > 1:
+        out["fid"] = [None] * classes
+        for c in chosen:
+            try:
+                ref = class_refs["stats"][c]
+                out["fid"][c] = frechet_distance(*stats.mu_sigma(c), *ref) if ref is not None else None
+            except UserError:
+                pass
     if hits is not None:
-        out["class_accuracy"] = [(h[0] / h[1]).item() if h[1] > 0 else None for h in hits]
+        out["class_accuracy"] = [(hits[c, 0] / hits[c, 1]).item() if c in chosen and hits[c, 1] > 0 else None
+                                 for c in range(classes)]
     return out
 
 

@@ -43,7 +43,7 @@ def point(record: dict, class_index: int | None, other_classes: int | None = Non
     if class_index is None and other_classes is None:
         return record["value"], record.get("class_accuracy", float("nan")), record["epoch"]
     figures = record["per_class"]
-    fids = [float("nan") if v is None else v for v in figures["fid"]]
+    fids = [float("nan") if v is None else v for v in figures["fid" if "fid" in figures else "kid"]]
     accuracies = [float("nan") if v is None else v for v in figures.get("class_accuracy", [None] * len(fids))]
     if class_index is not None:
         return fids[class_index], accuracies[class_index], record["epoch"]

@@ -1,12 +1,16 @@
-"""Frechet distances between generated and real images (FID, Heusel et al. 2017; docs/usage.md, "FID").
+"""Frechet distances between generated and real images (FID, Heusel et al. 2017; docs/usage.md, "FID"), and the
+per-class kernel distance (KID, Binkowski et al. 2018).
 
 Features come from pytorch-fid's InceptionV3 (2048-d pool features, the standard FID) or from the prototype
 classifier's D-d features ("proto-FID", an offline stand-in that is never called FID). Images enter as uint8,
-exactly what the PNGs hold. Only sufficient statistics (count, sum, sum of outer products) travel between
-ranks; the distance is pytorch-fid's formula and numerics (see `frechet_distance`).
+exactly what the PNGs hold. For the all-class FID only sufficient statistics (count, sum, sum of outer products)
+travel between ranks; the distance is pytorch-fid's formula and numerics (see `frechet_distance`). Per class, a
+few hundred features per class are kept on the host and scored once, on rank 0: KID, which is unbiased at the
+50 images a class gets out of 10,000, and, in feature spaces of at most NARROW dimensions (the classifier's),
+each class's FID as well.
 """
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from unittest import mock
 
 import numpy as np
@@ -19,6 +23,9 @@ from datasets import ImageData, to_float
 from distributed import any_rank, run_agreed
 
 FEATURES = ("inception", "classifier")
+NARROW = 256  # per-class FID too up to this feature width: classes x width^2 statistics stay small (200 x 256^2 x 8 B)
+REF_PER_CLASS = 250  # reference features kept per class for KID (200 classes x 250 x 2048 x 2 B: 205 MB on disk)
+GEN_PER_CLASS = 1000  # generated features kept per class (the rest still count in the all-class FID)
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL names this file
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -133,6 +140,65 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
+class ClassFeatures:
+    """Up to `cap` features of each class in `classes`, the lowest image indices first, on the host: bounded
+    (classes x cap x width) whatever the number of images, and gathered to rank 0 for the per-class figures."""
+
+    def __init__(self, classes: Iterable[int], cap: int):
+        self.cap = cap
+        self.rows: dict[int, list[tuple[int, np.ndarray]]] = {c: [] for c in classes}
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor, indices: list[int]) -> None:
+        """Features [B, F] of the images `indices`, of classes `labels` [B]; other classes' are not kept."""
+        f = feats.float().cpu().numpy()
+        for row, c, i in zip(f, labels.tolist(), indices):
+            if c in self.rows and len(self.rows[c]) < self.cap:
+                self.rows[c].append((i, row))
+
+    def gather(self, group: Any = None) -> "ClassFeatures | None":
+        """Every rank's features merged on rank 0 (each class: the lowest indices, at most cap); None elsewhere."""
+        if group is None or not dist.is_initialized():
+            return self
+        shares = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
+        dist.gather_object(self.rows, shares, dst=0, group=group)
+        if dist.get_rank() != 0:
+            return None
+        merged = ClassFeatures(self.rows, self.cap)
+        for c in merged.rows:
+            merged.rows[c] = sorted((r for share in shares for r in share[c]), key=lambda r: r[0])[:self.cap]
+        return merged
+
+    def of(self, c: int) -> np.ndarray:
+        """Class c's features [n, F] (n may be 0)."""
+        return np.stack([row for _, row in self.rows[c]]) if self.rows[c] else np.zeros((0, 1), np.float32)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features [M, F] as float16, labels [M]) for a cache file."""
+        rows = [(c, row) for c in self.rows for _, row in self.rows[c]]
+        return np.stack([r for _, r in rows]).astype(np.float16), np.array([c for c, _ in rows])
+
+    @classmethod
+    def from_arrays(cls, feats: np.ndarray, labels: np.ndarray, classes: int) -> "ClassFeatures":
+        """What arrays() wrote, for `classes` classes."""
+        made = cls(range(classes), len(labels))
+        for i, (row, c) in enumerate(zip(feats.astype(np.float32), labels.tolist())):
+            made.rows[c].append((i, row))
+        return made
+
+
+def kernel_distance(x: np.ndarray, y: np.ndarray) -> float | None:
+    """KID: the unbiased estimate of MMD^2 between feature sets x [m, d] and y [n, d] with the cubic polynomial
+    kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), over all pairs; None under two images on a side."""
+    if len(x) < 2 or len(y) < 2:
+        return None
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
     """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), with pytorch-fid's numerics.
@@ -155,17 +221,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def dataset_stats(data: ImageData, extract: Extractor, dim: int, device: torch.device, rank: int = 0,
-                  world: int = 1, batch: int = 100, classes: int = 1, group: Any = None) -> FeatureStats:
-    """Feature statistics of a dataset (per class with classes > 1); ranks take interleaved batches and sum (a
-    failure on any rank of `group` is agreed before the sum)."""
-    stats = FeatureStats(dim, device, classes)
+                  world: int = 1, batch: int = 100, classes: int = 0, group: Any = None
+                  ) -> tuple[FeatureStats, ClassFeatures | None]:
+    """Feature statistics of a dataset and, with classes > 0, each class's first REF_PER_CLASS features (and, in a
+    narrow feature space, each class's statistics: FeatureStats per class); ranks take interleaved batches and sum
+    (a failure on any rank of `group` is agreed before the sum). The class features are rank 0's only."""
+    stats = FeatureStats(dim, device, classes if 1 < classes and dim <= NARROW else 1)
+    kept = ClassFeatures(range(classes), REF_PER_CLASS) if classes else None
 
     def add_share() -> None:
         for i in range(rank * batch, len(data.labels), batch * world):
-            stats.add(extract(data.images[i:i + batch]), data.labels[i:i + batch] if classes > 1 else None)
+            feats, labels = extract(data.images[i:i + batch]), data.labels[i:i + batch]
+            stats.add(feats, labels if len(stats.count) > 1 else None)
+            if kept is not None:
+                kept.add(feats, labels, list(range(i, i + len(labels))))
     run_agreed(add_share, group)
     stats.all_reduce()
-    return stats
+    return stats, kept.gather(group) if kept is not None else None
 
 
 def read_npz(path: str, keys: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
@@ -192,34 +264,51 @@ def class_reference_path(path: str) -> str:
     return path[:-4] + "_per_class.npz" if path.endswith(".npz") else path + "_per_class.npz"
 
 
-def read_reference(path: str, classes: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], list | None] | None:
-    """Reference (mu, sigma) from a pytorch-fid .npz and, with classes > 0, each class's from the file beside it
-    (None for a class of fewer than two images); None when a file is missing."""
+def read_reference(path: str, classes: int = 0, features: bool = True) -> tuple[tuple, dict | None] | None:
+    """Reference (mu, sigma) from a pytorch-fid .npz and, with classes > 0, the per-class file beside it: its image
+    counts, each class's kept features (when `features`: rank 0 scores them) and, in a narrow feature space, each
+    class's (mu, sigma) (None for a class of fewer than two images); None when a file is missing."""
     whole = read_npz(path, ("mu", "sigma"))
-    per_class = read_npz(class_reference_path(path), ("mu", "sigma", "n")) if classes else None
-    if whole is None or (classes and per_class is None):
+    if whole is None or not classes:
+        return None if whole is None else (whole, None)
+    counts = read_npz(class_reference_path(path), ("n",))
+    if counts is None:
         return None
-    return whole, None if per_class is None else [
-        (per_class[0][c], per_class[1][c]) if per_class[2][c] >= 2 else None for c in range(classes)]
+    per_class = {"n": counts[0], "features": None, "stats": None}
+    if features:
+        feats, labels = read_npz(class_reference_path(path), ("features", "labels"))
+        per_class["features"] = ClassFeatures.from_arrays(feats, labels, classes)
+    if whole[0].shape[0] <= NARROW:
+        mu, sigma = read_npz(class_reference_path(path), ("mu", "sigma"))
+        per_class["stats"] = [(mu[c], sigma[c]) if counts[0][c] >= 2 else None for c in range(classes)]
+    return whole, per_class
 
 
-def load_or_make_reference(path: str, make: Callable[[int], FeatureStats], is_main: bool, classes: int = 0,
-                           group: Any = None) -> tuple[tuple[np.ndarray, np.ndarray], list | None]:
+def load_or_make_reference(path: str, make: Callable[[int], tuple[FeatureStats, ClassFeatures | None]],
+                           is_main: bool, classes: int = 0, group: Any = None) -> tuple[tuple, dict | None]:
     """read_reference's statistics; what is missing (on any rank of `group`: a node may lack a shared filesystem)
     is computed with `make(classes)` (all ranks, one pass over the data) and saved once. Every rank reads before
     any computes, and a file unreadable on one rank fails the evaluation on all of them."""
-    cached = run_agreed(lambda: read_reference(path, classes), group)
+    cached = run_agreed(lambda: read_reference(path, classes, features=is_main), group)
     if not any_rank(cached is None, group):
         return cached
-    stats = make(max(classes, 1))
+    stats, kept = make(classes)
     whole = stats.mu_sigma()
-    counts = stats.count.cpu().numpy()
-    per_class = [stats.mu_sigma(c) if counts[c] >= 2 else None for c in range(classes)] if classes else None
     if is_main:
         write_npz(path, mu=whole[0], sigma=whole[1])
-        if classes:
-            dim = whole[0].shape[0]
-            write_npz(class_reference_path(path), n=counts,
-                      mu=np.stack([p[0] if p else np.full(dim, np.nan) for p in per_class]),
-                      sigma=np.stack([p[1] if p else np.full((dim, dim), np.nan) for p in per_class]))
+    if not classes:
+        return whole, None
+    counts = stats.count.cpu().numpy() if len(stats.count) > 1 else None
+    per_class = {"n": counts, "features": kept, "stats": None}
+    if counts is not None:  # a narrow feature space: each class's statistics as well
+        per_class["stats"] = [stats.mu_sigma(c) if counts[c] >= 2 else None for c in range(classes)]
+    if is_main:
+        feats, labels = kept.arrays()
+        per_class["features"] = ClassFeatures.from_arrays(feats, labels, classes)  # as a later read gives them
+        n = np.bincount(labels, minlength=classes) if counts is None else counts
+        per_class["n"] = n
+        extra = {} if counts is None else {
+            "mu": np.stack([p[0] if p else np.full(whole[0].shape[0], np.nan) for p in per_class["stats"]]),
+            "sigma": np.stack([p[1] if p else np.full(whole[1].shape, np.nan) for p in per_class["stats"]])}
+        write_npz(class_reference_path(path), n=n, features=feats, labels=labels, **extra)
     return whole, per_class

@@ -54,11 +54,12 @@ def fid_curve(run_dir: str, class_index: int | None = None, against: str = "epoc
     xs = [x for x in xs if "per_class" in last[x]]
     if not xs:
         raise UserError(f"{run_dir} holds no per-class figures (sample.py or train.py with --per_class True)")
-    if class_index >= len(last[xs[0]]["per_class"]["fid"]):
+    figure = "fid" if "fid" in last[xs[0]]["per_class"] else "kid"  # per-class FID in a narrow feature space only
+    if class_index >= len(last[xs[0]]["per_class"][figure]):
         raise UserError(f"--class_index {class_index} is not a class of {run_dir}")
-    values = [last[x]["per_class"]["fid"][class_index] for x in xs]
-    return label, f"{rows[-1]['metric']} of class {class_index}", xs, [float("nan") if v is None else v
-                                                                        for v in values]
+    values = [last[x]["per_class"][figure][class_index] for x in xs]
+    name = rows[-1]["metric"] if figure == "fid" else "KID"
+    return label, f"{name} of class {class_index}", xs, [float("nan") if v is None else v for v in values]
 
 
 FLAG_RULES = {**{flag: ANY for flag in ("runs", "out", "title")},  # run dirs are checked as they are read

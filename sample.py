@@ -24,8 +24,9 @@ from diffusion import GaussianDiffusion, make_betas
 from evaluate import (Sampler, Scoring, classifier_for, evaluate, few_images_warning, fid_record, image_labels,
                       reference_path)
 from fid import FEATURES, feature_width
-from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, DEVICE, FINITE_LIST, Rule, UserError, append_line, at_least,
-                 check_flags, float_list, int_list, one_of, run_cli, str2bool, unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, DEVICE, FINITE_LIST, Rule, UserError,
+                 append_line, at_least, bool_or_classes, check_flags, float_list, int_list, one_of, run_cli, str2bool,
+                 unset_or)
 from distributed import setup_distributed, teardown_distributed
 from runlog import RunLog
 from speed import resolve_fast_path
@@ -64,7 +65,8 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank", "per_class", "skip_scored")},
+                              "data_root", "out", "local_rank", "skip_scored")},
+    "per_class": CLASSES_OR_BOOL,
 }
 
 
@@ -257,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder that holds a samples_EPOCH folder and grid per epoch")
     p.add_argument("--png", default="auto", help="write every image as a PNG (True/False; auto: for one epoch only, "
                    "since a curve over many epochs needs the numbers)")
-    p.add_argument("--per_class", type=str2bool, default=False, help="with --fid, also each class's FID (its samples "
-                   "against its own reference statistics, cached beside the all-class file) and class accuracy")
+    p.add_argument("--per_class", type=bool_or_classes, default=False, help="with --fid, also each class's figures: "
+                   "KID of its samples against its own reference features (cached beside the all-class file; unbiased "
+                   "at the few images a class gets), in a feature space of at most 256 dimensions (the classifier's) "
+                   "its FID too, and class accuracy; True for every class, or a comma list of classes (one class: 5,)")
     p.add_argument("--skip_scored", type=str2bool, default=False, help="with --fid, skip the epochs that PATH/metrics.jsonl "
                    "already has a record of with every setting of this command (a rerun after a preemption)")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")

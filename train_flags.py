@@ -3,8 +3,9 @@ meaning, then this project's), and its rule of valid values (cli.py)."""
 import argparse
 import math
 
-from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
-                 POSITIVE_LIST, Rule, above, at_least, between, finite, int_list, one_of, str2bool, unset_or)
+from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
+                 POSITIVE_LIST, Rule, above, at_least, between, bool_or_classes, finite, int_list, one_of, str2bool,
+                 unset_or)
 from compat import COMPAT
 from datasets import DATASETS
 
@@ -41,7 +42,8 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL,
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
     "dist_backend": DIST_BACKEND, "dist_timeout": above(0), "compat": COMPAT, "if_exists": one_of("error", "continue"),
-    **{flag: ANY for flag in ("useconv", "ddim", "download", "per_class", "local_rank", "data_root",
+    "per_class": CLASSES_OR_BOOL,
+    **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root",
                               "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
                               "results")},
 }
@@ -126,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_every", type=int, default=0, help="measure FID (or proto-FID) of the EMA weights every this "
                    "many epochs and at the end, into metrics.jsonl (0: never)")
     p.add_argument("--fid_num", type=int, default=500, help="images per periodic FID (balanced classes, fixed seeds)")
-    p.add_argument("--per_class", type=str2bool, default=False, help="periodic FID records also give each class's "
-                   "FID (its samples against its own reference statistics) and class accuracy")
+    p.add_argument("--per_class", type=bool_or_classes, default=False, help="periodic FID records also give "
+                   "each class's figures: KID of its samples against its own reference features (unbiased at the few "
+                   "images a class gets), in a feature space of at most 256 dimensions (the classifier's) its FID "
+                   "too, and class accuracy; True for every class, or a comma list of classes (one class: 5,)")
     p.add_argument("--fid_features", default="inception", help="inception (FID) or classifier (proto-FID, offline)")
     p.add_argument("--eval_classifier", default=None, help="classifier for proto-FID and class accuracy "
                    "(default: --path_proto)")

@@ -13,7 +13,8 @@ import experiment_report
 import plot_fid
 import sample
 import train
-from fid import FeatureStats, dataset_stats, frechet_distance, load_or_make_reference
+from fid import (REF_PER_CLASS, FeatureStats, dataset_stats, frechet_distance, kernel_distance,
+                 load_or_make_reference, read_reference)
 from cli import UserError
 from test_sample import pngs, write_classifier
 
@@ -119,12 +120,58 @@ def test_per_class_reference_is_cached_beside_the_all_class_file(tmp_path):
         assert np.allclose(mu, x.mean(0)) and np.allclose(sigma, np.cov(x, rowvar=False))
     for per_class in (made[1], again[1]):
         for c in (0, 1):
-            assert np.allclose(per_class[c][0], x[labels == c].mean(0))
-            assert np.allclose(per_class[c][1], np.cov(x[labels == c], rowvar=False))
-        assert per_class[2] is None
+            assert np.allclose(per_class["stats"][c][0], x[labels == c].mean(0))
+            assert np.allclose(per_class["stats"][c][1], np.cov(x[labels == c], rowvar=False))
+            # the kept features: the class's first images in dataset order (uint8 values: exact in float16)
+            assert np.array_equal(per_class["features"].of(c), x[labels == c][:REF_PER_CLASS])
+        assert per_class["stats"][2] is None and len(per_class["features"].of(2)) == 1
     assert os.path.isfile(tmp_path / "ref_per_class.npz")
     # a class's FID is the Frechet distance of its own statistics
-    assert frechet_distance(*made[1][0], *made[1][0]) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(*made[1]["stats"][0], *made[1]["stats"][0]) == pytest.approx(0, abs=1e-6)
+    # a rank other than 0 reads the counts, not the features it never scores
+    assert read_reference(path, 3, features=False)[1]["features"] is None
+
+
+def kid_by_pairs(x, y):
+    """The unbiased MMD^2 estimate written as its sums over pairs (Binkowski et al. 2018, eq. 3), cubic kernel."""
+    def k(a, b):
+        return (sum(p * q for p, q in zip(a, b)) / len(a) + 1) ** 3
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a, b) for a in x for b in y) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_distance_is_the_unbiased_mmd_of_the_cubic_kernel():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3)), rng.normal(0.5, 1, size=(5, 3))
+    assert kernel_distance(x, y) == pytest.approx(kid_by_pairs(x.tolist(), y.tolist()), rel=1e-12)
+    # two copies of a point against two of another: k(a,a) + k(b,b) - 2 k(a,b), in one dimension
+    a, b = 0.5, -1.0
+    assert kernel_distance(np.array([[a], [a]]), np.array([[b], [b]])) == pytest.approx(
+        (a * a + 1) ** 3 + (b * b + 1) ** 3 - 2 * (a * b + 1) ** 3)
+    # unbiased: near 0 on average for two samples of one distribution, far from it for two distributions
+    same = [kernel_distance(rng.normal(size=(50, 8)), rng.normal(size=(50, 8))) for _ in range(40)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(40)
+    assert kernel_distance(rng.normal(size=(50, 8)), rng.normal(1, 1, size=(50, 8))) > 10 * np.std(same)
+    assert kernel_distance(x[:1], y) is None
+
+
+def test_per_class_figures_of_chosen_classes_and_kid_only_in_a_wide_feature_space(trained, tmp_path, monkeypatch):
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    (narrow,) = run_sample(tmp_path / "run", clf, tmp_path, "2", "--per_class", "1,3", "--png", "False")[-1:]
+    figures = narrow["per_class"]
+    assert figures["classes"] == [1, 3] and figures["n"] == [None, 2, None, 2] + [None] * 6
+    assert [c for c in range(10) if figures["kid"][c] is not None] == [1, 3]
+    assert [c for c in range(10) if figures["fid"][c] is not None] <= [1, 3]
+    import evaluate
+    import fid
+    for module in (evaluate, fid):  # the 128-d classifier features now count as wide, as Inception's
+        monkeypatch.setattr(module, "NARROW", 8)
+    (wide,) = run_sample(tmp_path / "run", clf, tmp_path / "w", "2", "--per_class", "1,3", "--png", "False")[-1:]
+    assert "fid" not in wide["per_class"] and wide["value"] == pytest.approx(narrow["value"], rel=1e-6)  # unchanged
 
 
 def test_one_class_curve_in_plot_fid_and_experiment_report(trained, tmp_path):

@@ -247,7 +247,7 @@ def test_bf16_sampling_changes_images_far_less_than_another_seed(run_dir, tmp_pa
     seed = (fp32.int() - other.int()).abs().float()
     extract, dim = make_extractor("classifier", torch.device("cpu"), None,
                                   load_classifier(str(write_classifier(tmp_path / "clf.pt"))))
-    mu_ref, sigma_ref = dataset_stats(load_dataset("digits"), extract, dim, torch.device("cpu")).mu_sigma()
+    mu_ref, sigma_ref = dataset_stats(load_dataset("digits"), extract, dim, torch.device("cpu"))[0].mu_sigma()
 
     def proto_fid(u8):
         stats = FeatureStats(dim)
