@@ -310,3 +310,21 @@ def test_a_failing_periodic_fid_is_logged_and_training_goes_on(tmp_path, monkeyp
     log = (run / "log.txt").read_text()
     assert "epoch 1: evaluation failed (ValueError: array must not contain infs or NaNs); training goes on" in log
     assert "--fid_num: warning: 20 images for 128-dimensional features" in log
+
+
+def test_two_processes_give_the_per_class_figures_of_one(run_dir, tmp_path):
+    clf = write_classifier(tmp_path / "clf.pt")
+    figures = {}
+    for name, torchrun in (("one", False), ("two", True)):
+        out = tmp_path / name
+        r = sample(["--path", run_dir, "--epoch", "2", "--ddim", "True", "--num_steps", "3", "--genum", "40",
+                    "--genbatch", "8", "--fid", "True", "--fid_features", "classifier", "--eval_classifier", str(clf),
+                    "--per_class", "0,2,5", "--data_root", str(out / "data"), "--out", str(out / "png")],
+                   torchrun=torchrun)  # each computes its own reference (and its kept features) from the data
+        assert r.returncode == 0, r.stderr[-2000:]
+        figures[name] = json.loads(open(os.path.join(run_dir, "fid_2.txt")).read().splitlines()[-1])["per_class"]
+    one, two = figures["one"], figures["two"]
+    assert one["classes"] == two["classes"] == [0, 2, 5] and one["n"] == two["n"]
+    for key in ("kid", "fid", "class_accuracy"):
+        assert [v is None for v in one[key]] == [v is None for v in two[key]]
+        assert all(a == pytest.approx(b, rel=1e-3, abs=1e-6) for a, b in zip(one[key], two[key]) if a is not None)
