@@ -35,7 +35,7 @@ from unet import Unet, check_unet_config
 # "H100 80GB HBM3", the PCIe card "H100 PCIe")
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
                     ("H200", 989.0), ("A100", 312.0))
-ROWS = ("train_eager", "train", "loop", "sample_eager", "sample", "noise")
+ROWS = ("train_eager", "train", "loop", "sample_eager", "sample", "noise", "scores")
 DEFAULT_ROWS = "train_eager,train,loop,sample_eager,sample"
 
 
@@ -286,7 +286,7 @@ def train_flops(args: argparse.Namespace, device: torch.device) -> float:
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(1) for flag in ("inch", "modch", "numres", "cdim", "classes", "image_size", "batchsize",
-                                      "num_steps", "sample_timed_steps", "steps")},
+                                      "num_steps", "sample_timed_steps", "steps", "score_images", "score_width")},
     **{flag: at_least(0) for flag in ("warmup", "sample_batch")},
     "loop_steps": at_least(8),  # four logged windows of at least two steps
     "chmul": POSITIVE_LIST, "peak_tflops": unset_or(above(0), "the datasheet figure"),
@@ -295,6 +295,60 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "compile_scope": COMPILE_SCOPE,
     "device": DEVICE, **{flag: ANY for flag in ("profile", "json")},
 }
+
+
+def score_variant(variant: str, classes: int, images: int, width: int, queue) -> None:
+    """In a fresh process: seconds and extra peak host memory (ru_maxrss over what the features themselves take)
+    of scoring `images` synthetic features of `classes` classes against a reference of the same shape."""
+    import resource
+    import numpy as np
+    from fid import GEN_PER_CLASS, REF_PER_CLASS, ClassFeatures, FeatureStats, frechet_distance, kernel_distance
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(images, width, generator=g)
+    labels = torch.arange(images) % classes
+    reference = ClassFeatures(range(classes), REF_PER_CLASS)
+    ref_feats = torch.rand(classes * REF_PER_CLASS, width, generator=g)
+    ref_labels = torch.arange(classes * REF_PER_CLASS) % classes
+    reference.add(ref_feats, ref_labels, list(range(len(ref_labels))))
+    mu, sigma = np.zeros(width), np.eye(width)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    batches = [(feats[i:i + 250], labels[i:i + 250], list(range(i, min(i + 250, images)))) for i in
+               range(0, images, 250)]
+    if variant == "all-class FID":
+        stats = FeatureStats(width)
+        for f, _, _ in batches:
+            stats.add(f)
+        frechet_distance(*stats.mu_sigma(), mu, sigma)
+    elif variant == "per-class KID":
+        kept = ClassFeatures(range(classes), GEN_PER_CLASS)
+        for f, y, i in batches:
+            kept.add(f, y, i)
+        [kernel_distance(kept.of(c), reference.of(c)) for c in range(classes)]
+    else:  # the earlier per-class FID: classes x width^2 sums, one square root per class
+        stats = FeatureStats(width, classes=classes)
+        for f, y, _ in batches:
+            stats.add(f, y)
+        [frechet_distance(*stats.mu_sigma(c), mu, sigma) for c in range(classes)]
+    seconds = time.perf_counter() - t0
+    queue.put((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2 ** 20))  # KiB -> GiB
+
+
+def bench_scores(args: argparse.Namespace) -> dict:
+    """The scoring of one evaluation on the host, feature extraction apart: all-class FID, per-class KID, and the
+    earlier per-class FID (at --classes, or at 20 classes when more, with a linear extrapolation)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for variant, classes in (("all-class FID", args.classes), ("per-class KID", args.classes),
+                             ("per-class FID (before)", min(args.classes, 20))):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=score_variant, args=(variant, classes, args.score_images, args.score_width, queue))
+        proc.start()
+        seconds, gib = queue.get()
+        proc.join()
+        out[f"{variant}, {classes} classes"] = {"s": seconds, "extra_peak_gib": gib}
+    return out
 
 
 def main(args: argparse.Namespace) -> None:
@@ -316,9 +370,11 @@ def main(args: argparse.Namespace) -> None:
     labels = {"train_eager": "train step, eager fp32", "train": f"train step, optimised ({opt_desc})",
               "loop": f"train.py loop, optimised, {args.loop_steps} steps",
               "sample_eager": "sample eager fp32, CFG as {}", "sample": "sample optimised, CFG as {}"}
-    rows = {}
+    rows, scores = {}, None
     for key in (r for r in ROWS if r in rows_asked):
-        if key.startswith("sample"):
+        if key == "scores":
+            scores = bench_scores(args)
+        elif key.startswith("sample"):
             for one_pass in (False, True):
                 label = labels[key].format("one 2B forward" if one_pass else "two B forwards")
                 rows[label] = bench_sample(args, device, fast if key == "sample" else None, one_pass)
@@ -339,7 +395,7 @@ def main(args: argparse.Namespace) -> None:
     train_rows = [labels[k] for k in ("train_eager", "train") if labels[k] in rows]
     ratio = rows[train_rows[1]]["img_per_s"] / rows[train_rows[0]]["img_per_s"] if len(train_rows) == 2 else None
     report = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "config": vars(args),
-              "rows": rows, "train_speedup": ratio, "train_flops_per_step": flops, "bf16_peak_tflops": peak,
+              "rows": rows, "scores": scores, "train_speedup": ratio, "train_flops_per_step": flops, "bf16_peak_tflops": peak,
               "bf16_matmul_tflops": measured}
     if args.json:
         print(json.dumps(report))
@@ -370,6 +426,9 @@ def main(args: argparse.Namespace) -> None:
                   f"20 ops in {p['dir']}/")
     if ratio:
         print(f"training speed-up, optimised / eager fp32: {ratio:.2f}x")
+    for label, r in (scores or {}).items():
+        print(f"scoring {args.score_images} features of width {args.score_width}, {label:<38} {r['s']:8.2f} s, "
+              f"extra peak host memory {r['extra_peak_gib']:.2f} GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps after the first")
     p.add_argument("--loop_steps", type=int, default=40, help="steps of the train.py loop row (logged in 4 windows)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to time, a comma list of {', '.join(ROWS)} (noise: "
-                   "per-image noise eager and compiled, with the profiler's op count per draw)")
+                   "per-image noise eager and compiled, with the profiler's op count per draw; scores: the host side "
+                   "of one evaluation's FID and per-class figures at --classes, minutes on a CPU)")
+    p.add_argument("--score_images", type=int, default=10000, help="scores row: generated images (the pipeline's "
+                   "GENUM), scored against --classes classes")
+    p.add_argument("--score_width", type=int, default=2048, help="scores row: feature width (Inception's 2048)")
     p.add_argument("--amp", default="auto", help="optimised path: bf16, fp16 or none (auto: bf16 on CUDA)")
     p.add_argument("--compile", default="auto", help="optimised path: torch.compile (auto: on CUDA only)")
     p.add_argument("--compile_mode", default="default", help=f"torch.compile mode: {', '.join(COMPILE_MODES)}")
