@@ -36,7 +36,8 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
             os.remove(tmp)
         if isinstance(e, RuntimeError):  # torch.save's zip writer reports a failed write as "unexpected pos"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OSError(errno.EIO, f"the write stopped part-way; is the disk or quota full? ({first})", path) from None
+            why = f"the write stopped part-way; is the disk or quota full? ({first})"
+            raise OSError(errno.EIO, why, path) from None
         raise
 
 

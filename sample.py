@@ -83,8 +83,9 @@ def resolve_epochs(path: str, spec: str) -> list[int]:
     return epochs
 
 
-def already_scored(path: str, template: dict, per_class: bool) -> bool:
-    """Whether RUN/metrics.jsonl holds an fid record with every setting of `template` (its epoch included)."""
+def already_scored(path: str, template: dict, per_class: list[int]) -> bool:
+    """Whether RUN/metrics.jsonl holds an fid record with every setting of `template` (its epoch included) and,
+    when `per_class` names classes, per-class figures of exactly those."""
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         return False
@@ -94,7 +95,8 @@ def already_scored(path: str, template: dict, per_class: bool) -> bool:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if all(record.get(k) == v for k, v in settings.items()) and (not per_class or "per_class" in record):
+        if all(record.get(k) == v for k, v in settings.items()) and \
+                (not per_class or record.get("per_class", {}).get("classes") == per_class):
             return True
     return False
 
@@ -176,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
         sampler = dataclasses.replace(sampler, w=w)  # the prepared network and noise serve every w
         if scoring is not None and args.skip_scored and already_scored(args.path, fid_record(
                 {"fid": None, "n": n}, scoring, sampler, diffusion.T, epoch, None, weights or "ema", spec, args.label),
-                args.per_class):
+                scoring.classes(cfg["num_classes"])):
             say(f"epoch {epoch}, w {w}: already scored with these settings ({args.path}/metrics.jsonl); skipped")
             continue
         position = load_epoch(net, cemblayer, args.path, epoch, weights)
@@ -263,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "KID of its samples against its own reference features (cached beside the all-class file; unbiased "
                    "at the few images a class gets), in a feature space of at most 256 dimensions (the classifier's) "
                    "its FID too, and class accuracy; True for every class, or a comma list of classes (one class: 5,)")
-    p.add_argument("--skip_scored", type=str2bool, default=False, help="with --fid, skip the epochs that PATH/metrics.jsonl "
-                   "already has a record of with every setting of this command (a rerun after a preemption)")
+    p.add_argument("--skip_scored", type=str2bool, default=False, help="with --fid, skip the (epoch, w) pairs that "
+                   "PATH/metrics.jsonl already has a record of with every setting of this command (a rerun after a "
+                   "preemption)")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
     p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
                    "CUDA, none on CPU); features for FID are always computed in fp32")

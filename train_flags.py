@@ -3,7 +3,8 @@ meaning, then this project's), and its rule of valid values (cli.py)."""
 import argparse
 import math
 
-from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND, NATIVE_OR_SIZE,
+from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, COMPILE_SCOPE, DEVICE, DIST_BACKEND,
+                 NATIVE_OR_SIZE,
                  POSITIVE_LIST, Rule, above, at_least, between, bool_or_classes, finite, int_list, one_of, str2bool,
                  unset_or)
 from compat import COMPAT
@@ -26,7 +27,8 @@ PROTO_NORM = Rule(lambda v: v in ("keep", "default") or _norm_value(v), "keep, d
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(1) for flag in ("batchsize", "epoch", "interval", "sample_every", "log_every", "genbatch", "T",
                                       "modch", "cdim", "numres", "numworkers")},
-    **{flag: at_least(0) for flag in ("global_batch", "max_steps", "keep_last", "fid_every", "weight_decay", "eta", "seed")},
+    **{flag: at_least(0) for flag in ("global_batch", "max_steps", "keep_last", "fid_every", "weight_decay", "eta",
+                                      "seed")},
     "fid_num": at_least(2),  # a covariance needs two images
     "num_steps": at_least(2),  # and at most --T, checked with it
     "image_size": NATIVE_OR_SIZE, "chmul": POSITIVE_LIST,

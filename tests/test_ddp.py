@@ -95,7 +95,8 @@ def test_the_update_of_a_global_batch_does_not_depend_on_processes_or_micro_batc
                      KEYED_NOISE="1")
         assert r.returncode == 0, r.stderr[-3000:]
         micro = 64 // (procs * batch)
-        assert f"global batch 64 ({procs} x {micro} micro-batch(es) of {batch})" in (out / "run" / "log.txt").read_text()
+        log = (out / "run" / "log.txt").read_text()
+        assert f"global batch 64 ({procs} x {micro} micro-batch(es) of {batch})" in log
         finals[procs, batch] = torch.load(out / "rank0.pt", weights_only=True)
     cfg = json.load(open(tmp_path / "1x32" / "run" / "config.json"))
     seed_everything(cfg["seed"])  # train.py's initialisation, rebuilt here to measure how far the weights moved

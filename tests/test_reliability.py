@@ -142,7 +142,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
 
 
 def file_size_limit(limit):
-    """preexec_fn: writes past `limit` bytes fail as on a full disk (EFBIG; SIGXFSZ ignored, so they return an error)."""
+    """preexec_fn: writes past `limit` bytes fail as on a full disk (EFBIG; SIGXFSZ ignored, so writes return it)."""
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

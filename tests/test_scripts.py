@@ -114,7 +114,8 @@ def fake_slurm(tmp_path):
     log = tmp_path / "calls.log"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho scontrol \"$@\" >> {log}\n"
                                       "[ \"$1\" = show ] && printf 'gpu-a\\ngpu-b\\n'\nexit 0\n")
-    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho scancel \"$@\" >> {log}\nkill -TERM $(cat {tmp_path}/step.pid)\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho scancel \"$@\" >> {log}\n"
+                                     f"kill -TERM $(cat {tmp_path}/step.pid)\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_NNODES="2",

@@ -136,9 +136,9 @@ def test_own_image_folder_trains_a_classifier_evaluates_and_reruns_with_nothing_
             Image.fromarray(pixels).save(folder / name / f"{i}.png")
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     clf = tmp_path / "clf.pt"
-    r = run_program("train_classifier.py", ["--dataset", "imagefolder", "--data_root", str(folder), "--image_size", "8",
-                                            "--pretrained", "False", "--epoch", "1", "--batchsize", "32", "--cdim", "16",
-                                            "--out", str(clf)])
+    r = run_program("train_classifier.py", ["--dataset", "imagefolder", "--data_root", str(folder), "--image_size",
+                                            "8", "--pretrained", "False", "--epoch", "1", "--batchsize", "32",
+                                            "--cdim", "16", "--out", str(clf)])
     assert r.returncode == 0, r.stderr[-2000:]
     command = ["--dataset", "imagefolder", "--data_root", str(folder), "--image_size", "8", "--modch", "32", "--chmul",
                "1,2", "--numres", "1", "--cdim", "16", "--batchsize", "24", "--epoch", "2", "--ddim", "True",
