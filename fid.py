@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from scipy import linalg
 
-from cli import UserError
+from cli import UserError, write_atomic
 from datasets import ImageData, to_float
 from distributed import any_rank, run_agreed
 
@@ -252,11 +252,9 @@ def read_npz(path: str, keys: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
-    """Save arrays atomically (a temporary file in the same folder, then renamed)."""
+    """Save arrays through cli.write_atomic (a reader never sees half a file; a failed write leaves none)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def class_reference_path(path: str) -> str:

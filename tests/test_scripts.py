@@ -154,3 +154,12 @@ def test_the_slurm_script_stops_the_running_step_and_requeues_before_the_time_li
     assert proc.returncode == 0 and "requeueing" in err, err
     calls = log.read_text().splitlines()
     assert calls[-2:] == ["scancel --signal=TERM 42", "scontrol requeue 42"], calls
+
+
+def test_a_rerun_of_the_pipeline_keeps_its_finished_classifiers(tmp_path):
+    (tmp_path / "prototypes.pt").write_bytes(b"done")  # the first classifier finished before a preemption
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
+                       text=True, env=dict(os.environ, NGPU="1", OUT=str(tmp_path)), cwd=ROOT)
+    assert f"# kept {tmp_path}/prototypes.pt" in r.stdout
+    classifiers = [line for line in r.stdout.splitlines() if line.startswith("+ ") and "train_classifier.py" in line]
+    assert len(classifiers) == 1 and f"--out {tmp_path}/eval_classifier.pt" in classifiers[0]
