@@ -36,8 +36,8 @@ def records(run, event):
 
 def test_sigterm_stops_a_two_process_job_within_seconds_whatever_log_every_is(tmp_path):
     run = tmp_path / "run"
-    cmd = TORCHRUN + [os.path.join(ROOT, "train.py")] + TINY + ["--epoch", "100", "--log_every", "1000",
-                                                                "--run_dir", str(run)]
+    command = TINY + ["--epoch", "100", "--log_every", "1000", "--run_dir", str(run), "--if_exists", "continue"]
+    cmd = TORCHRUN + [os.path.join(ROOT, "train.py")] + command
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
     deadline = time.time() + 120
     while time.time() < deadline and "run dir" not in (run / "log.txt").read_text() if (run / "log.txt").exists() \
@@ -61,7 +61,7 @@ def test_sigterm_stops_a_two_process_job_within_seconds_whatever_log_every_is(tm
     marker = torch.load(run / "checkpoints" / "last_epoch.pt", weights_only=True)
     ckpt = torch.load(run / "checkpoints" / marker["file"], weights_only=True)
     assert 1 <= ckpt["global_step"] < 100 * 14 and len(ckpt["rng"]) == 2
-    r = torchrun(tmp_path / "out", ["--path_resume", str(run), "--max_steps", str(ckpt["global_step"] + 2)])
+    r = torchrun(tmp_path / "out", command + ["--max_steps", str(ckpt["global_step"] + 2)])  # the requeued command
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "checkpoints" / f"step_{ckpt['global_step'] + 2}_checkpoint.pt").exists()
 
