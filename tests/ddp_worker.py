@@ -13,6 +13,8 @@ Faults for one rank only, set by environment variables:
 - KEYED_NOISE=1 (every rank): each image's timestep and noise are a function of the image alone, so the update of a
   global batch does not depend on which process or micro-batch an image lands in (use with --threshold 0
   --droprate 0, the loss's other randomness).
+- COMPILE_BACKEND=eager (every rank): torch.compile traces with dynamo (DDP's graph split included) and runs the
+  graphs as traced, without inductor's minutes of code generation.
 Every rank writes its process id to OUT/pid{r}.
 Errors reach the user as train.py's do (cli.run_cli).
 """
@@ -64,6 +66,9 @@ if os.environ.get("EVAL_FAULT_RANK") == rank:
         raise UserError(f"reference statistics {path} are unreadable (injected on rank {rank})")
     fid.read_npz = unreadable
 
+if os.environ.get("COMPILE_BACKEND"):
+    import functools  # noqa: E402
+    torch.compile = functools.partial(torch.compile, backend=os.environ["COMPILE_BACKEND"])
 if os.environ.get("KEYED_NOISE"):
     import diffusion  # noqa: E402
     import torch.nn.functional as F  # noqa: E402

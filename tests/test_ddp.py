@@ -85,24 +85,26 @@ def test_ctrl_c_to_a_two_process_job_stops_it_with_a_checkpoint(tmp_path):
 
 
 def test_the_update_of_a_global_batch_does_not_depend_on_processes_or_micro_batches(tmp_path):
-    # 64 images per step as 1 process x 2 micro-batches of 32, 2 x 1 of 32 and 2 x 2 of 16: the same images (the
-    # data order is a function of the seed), the same noise per image (KEYED_NOISE), so the same two AdamW updates
+    # 64 images per step as 1 process x 2 micro-batches of 32, 2 x 1 of 32 and 2 x 2 of 16 (eager, and compiled
+    # around DDP): the same images (the data order is a function of the seed), the same noise per image
+    # (KEYED_NOISE), so the same two AdamW updates
     setup = TINY + ["--threshold", "0", "--droprate", "0", "--max_steps", "2", "--global_batch", "64"]
     finals = {}
-    for procs, batch in ((1, 32), (2, 32), (2, 16)):
-        out = tmp_path / f"{procs}x{batch}"
-        r = torchrun(out, setup + ["--batchsize", str(batch), "--run_dir", str(out / "run")], procs=procs,
-                     KEYED_NOISE="1")
+    for procs, batch, compiled in ((1, 32, False), (2, 32, False), (2, 16, False), (2, 16, True)):
+        out = tmp_path / f"{procs}x{batch}{'c' if compiled else ''}"
+        r = torchrun(out, setup + ["--batchsize", str(batch), "--run_dir", str(out / "run"), "--compile",
+                                   str(compiled)], procs=procs, KEYED_NOISE="1", COMPILE_BACKEND="eager")
         assert r.returncode == 0, r.stderr[-3000:]
         micro = 64 // (procs * batch)
         log = (out / "run" / "log.txt").read_text()
         assert f"global batch 64 ({procs} x {micro} micro-batch(es) of {batch})" in log
-        finals[procs, batch] = torch.load(out / "rank0.pt", weights_only=True)
+        assert ("compiled in" in log) == compiled
+        finals[procs, batch, compiled] = torch.load(out / "rank0.pt", weights_only=True)
     cfg = json.load(open(tmp_path / "1x32" / "run" / "config.json"))
     seed_everything(cfg["seed"])  # train.py's initialisation, rebuilt here to measure how far the weights moved
     net, cemblayer = build_models(cfg)
     start = vector({"net": net.state_dict(), "cemblayer": cemblayer.state_dict()})
-    reference = finals[1, 32]
+    reference = finals[1, 32, False]
     moved = (vector(reference) - start).norm()
     assert moved > 0 and vector(reference["grad"]).norm() > 0
     for key, final in finals.items():
