@@ -174,6 +174,7 @@ def main(args: argparse.Namespace) -> None:
     grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
     scoring = Scoring(args.fid_features, ref, data_root, classifier, clf_path, args.inception_weights,
                       args.per_class) if args.fid else None
+    position = None
     for epoch, w in runs:
         sampler = dataclasses.replace(sampler, w=w)  # the prepared network and noise serve every w
         if scoring is not None and args.skip_scored and already_scored(args.path, fid_record(
@@ -181,7 +182,8 @@ def main(args: argparse.Namespace) -> None:
                 scoring.classes(cfg["num_classes"])):
             say(f"epoch {epoch}, w {w}: already scored with these settings ({args.path}/metrics.jsonl); skipped")
             continue
-        position = load_epoch(net, cemblayer, args.path, epoch, weights)
+        if position is None or position["epoch"] != epoch:  # each w of an epoch samples the weights loaded once
+            position = load_epoch(net, cemblayer, args.path, epoch, weights)
         say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
             f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
         result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
