@@ -177,10 +177,12 @@ def check_flags(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, ...]:
     """The flags written in argv, even those given their default value (argparse fills in a default only for
     what the namespace it parses into does not hold yet)."""
-    unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    # an append or extend flag copies the list it finds before adding to it: a list of its own marks it unset
+    unset = {a.dest: [] if isinstance(a, argparse._AppendAction) else object() for a in parser._actions
+             if a.dest != argparse.SUPPRESS}
+    probe = argparse.Namespace(**unset)
     parser.parse_args(argv, probe)
-    return tuple(sorted(name for name, value in vars(probe).items() if value is not unset))
+    return tuple(sorted(name for name, value in vars(probe).items() if value is not unset[name]))
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:

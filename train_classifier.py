@@ -2,7 +2,7 @@
 
     python train_classifier.py --dataset digits --image_size 16 --pretrained False --out proto.pt
     torchrun --standalone --nproc_per_node=gpu train_classifier.py --dataset cifar10 --out cifar10_proto.pt
-`--batchsize` is per device. Test accuracy: cifar10/stl10 test split, tiny-imagenet val/, digits a fixed 20%.
+`--batchsize` is per device; `--global_batch` fixes the batch over all processes. Test accuracy: cifar10/stl10 test split, tiny-imagenet val/, digits a fixed 20%.
 """
 import argparse
 import os
@@ -32,6 +32,7 @@ def prototype_movement(initial: torch.Tensor, final: torch.Tensor) -> dict:
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(1) for flag in ("epoch", "batchsize", "cdim", "numworkers")},
+    "global_batch": at_least(0),
     "image_size": NATIVE_OR_SIZE, "seed": at_least(0),
     "lr": above(0), "center_lr_mult": above(0), "scale": above(0), "pl_weight": at_least(0),
     "dataset": one_of(*DATASETS), "device": DEVICE,
@@ -43,6 +44,10 @@ def main(args: argparse.Namespace) -> None:
     """Train the prototype classifier and write its checkpoint to --out (nothing is written on a bad flag)."""
     check_flags(args, FLAG_RULES)
     d = setup_distributed(args.device)
+    if args.global_batch:  # the same classifier, so the same prototype table, on any GPU count
+        if args.global_batch % d.world:
+            raise UserError(f"--global_batch {args.global_batch} does not split over {d.world} processes")
+        args.batchsize = args.global_batch // d.world
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
     try:
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with 1 they barely move from their random init; see README)")
     p.add_argument("--epoch", type=int, default=15, help="epochs to train")
     p.add_argument("--batchsize", type=int, default=128, help="batch size per device")
+    p.add_argument("--global_batch", type=int, default=0, help="images per step over all processes, whatever their "
+                   "number (replaces --batchsize; 0: batchsize x processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--pretrained", type=str2bool, default=True, help="start from torchvision's ImageNet ResNet18 "
                    "weights (as the original did)")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# cifar10: the full ProtoDiffusion pipeline (see scripts/pipeline.sh for every setting); --dry-run prints it.
-export DATASET=cifar10 IMAGE_SIZE=${IMAGE_SIZE:-32}
-exec bash "$(dirname "${BASH_SOURCE[0]}")/pipeline.sh" "$@"
+# cifar10: the paper's comparison as a study (studies/cifar10.toml: arms, seeds, evaluation, declared endpoints). Here:
+# one run per visible GPU at a time, then the report; --dry-run prints every task and its estimated cost; other
+# study.py flags pass through (--submit True: a SLURM job array). COMPAT=original: the original code's behaviour.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/study.sh" studies/cifar10.toml "$@"

@@ -1,0 +1,384 @@
+"""A study of the paper's question, "do class prototypes reach a given FID in fewer epochs than a random class
+table?" (Baykal et al., ProtoDiffusion, ACML 2023): arms (each a set of train.py flags) x training seeds x
+prototype-classifier seeds on one dataset, every run scored at the same epochs with the same sampling seeds by one
+evaluation, and a report of paired differences with 95% intervals and the endpoints the study file declares.
+
+    python study.py studies/digits_study3.toml --dry-run True    # every task, its commands and the estimated cost
+    python study.py studies/digits_study3.toml                   # here: classifiers, runs side by side, report
+    python study.py studies/cifar10.toml --submit True           # SLURM: classifiers, an array, the report after it
+    python study.py studies/cifar10.toml --task 3                # one task (what an array task runs)
+    python study.py studies/cifar10.toml --task report           # the report of what is scored so far
+
+Every task is start-or-continue (a finished classifier is kept, a run continues from its newest checkpoint, an
+epoch already scored with the same settings is skipped), so the same command, or a requeue, goes on where it
+stopped. The study file format and every key: studies/README.md.
+"""
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, str2bool
+from study_report import write_report
+
+# measured rates for the estimate (docs/gpu.md, one H200, 2026-11-26, the paper UNet at 32x32): training
+# 1,596 img/s, DDIM-50 sampling 96 img/s at genbatch 1000; both scaled by pixels. The paper UNet's files
+# (chmul 1,2,4,4): 452.2 MB full training state, 113.0 MB sampling weights.
+TRAIN_IMG_S, SAMPLE_IMG_S, STATE_MB, WEIGHTS_MB = 1596, 96, 452.2, 113.0
+TRAINING_IMAGES = {"cifar10": 50_000, "stl10": 13_000, "tiny-imagenet": 100_000}  # what train.py trains on
+REQUIRED = ("dataset", "out", "epochs", "interval", "train_seeds", "arms", "evaluation", "endpoints")
+
+
+@dataclass
+class Task:
+    """One unit of work: a name, the commands it runs one after another, and what marks it finished."""
+    name: str
+    commands: list[list[str]]
+    kind: str  # classifier, run
+    done_file: str | None = None  # a classifier's output: kept when it exists
+    arm: str = ""
+    seed: int = 0
+    classifier_seed: int | None = None
+    run_dir: str = ""
+    gpus: int = 1
+    env: dict = field(default_factory=dict)
+
+
+def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
+    """The study file with `key=value` overrides (TOML values; dotted keys reach into tables), checked."""
+    try:
+        with open(path, "rb") as f:
+            study = tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read the study file {path} ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set takes key=value (a TOML value, e.g. epochs=200 or early=[1,2,4]); got '{item}'")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word is a string
+        *tables, last = key.split(".")
+        target = study
+        for t in tables:
+            target = target.setdefault(t, {})
+        target[last] = parsed
+    missing = [k for k in REQUIRED if k not in study]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (see studies/README.md)")
+    if arms:
+        unknown = [a for a in arms if a not in study["arms"]]
+        if unknown:
+            raise UserError(f"--arms {', '.join(unknown)}: not an arm of {path} ({', '.join(study['arms'])})")
+        study["arms"] = {a: study["arms"][a] for a in arms}
+    for base in study["endpoints"].get("baselines", []):
+        if base not in study["arms"]:
+            raise UserError(f"endpoints.baselines names '{base}', which is not an arm ({', '.join(study['arms'])})")
+    if not study["train_seeds"] or study["epochs"] < 1 or study["interval"] < 1:
+        raise UserError("a study needs train_seeds, epochs >= 1 and interval >= 1")
+    compat = study.get("compat", "none")
+    if compat != "none":  # every arm as the original code ran it, in a folder of its own
+        study["out"] += f"-compat_{compat}"
+        study["arms"] = {a: f if "--compat" in f else f"{f} --compat {compat}" for a, f in study["arms"].items()}
+    study["path"] = path
+    return study
+
+
+def evaluated_epochs(study: dict) -> list[int]:
+    """The saved (and scored) epochs: every `interval`, the early ones below `epochs`, and the last."""
+    e = study["epochs"]
+    return sorted({*range(study["interval"], e + 1, study["interval"]), *(x for x in study.get("early", []) if x < e),
+                   e})
+
+
+def classifier_file(study: dict, name: str, seed: int) -> str:
+    return os.path.join(study["out"], "classifiers", f"{name}-c{seed}.pt")
+
+
+def eval_classifier_file(study: dict) -> str:
+    return os.path.join(study["out"], "classifiers", f"eval_classifier-c{study['eval_classifier']['seed']}.pt")
+
+
+def python(gpus: int) -> list[str]:
+    """How a task's program starts: plain python on one device, a single-node torchrun (a free port) on several;
+    LAUNCH (scripts/slurm.sbatch: srun + a multi-node torchrun) replaces both."""
+    if os.environ.get("LAUNCH"):
+        return shlex.split(os.environ["LAUNCH"])
+    py = [sys.executable]
+    return py if gpus <= 1 else py + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+
+
+def classifier_tasks(study: dict) -> list[Task]:
+    """Each prototype classifier once per classifier seed, and the evaluation classifier (its own seed)."""
+    common = ["--dataset", study["dataset"], "--data_root", study.get("data_root", "datasets"),
+              "--image_size", str(study.get("image_size", -1)), *shlex.split(study.get("data_flags", ""))]
+    tasks = []
+    for name, flags in study.get("classifiers", {}).items():
+        for c in study.get("classifier_seeds", [0]):
+            out = classifier_file(study, name, c)
+            tasks.append(Task(f"{name}-c{c}", [python(1) + ["train_classifier.py", *common, *shlex.split(flags),
+                                                            "--seed", str(c), "--out", out]], "classifier", out))
+    ev = study["eval_classifier"]
+    out = eval_classifier_file(study)
+    tasks.append(Task(f"eval_classifier-c{ev['seed']}", [python(1) + ["train_classifier.py", *common,
+                      *shlex.split(ev.get("flags", "")), "--seed", str(ev["seed"]), "--out", out]], "classifier", out))
+    return tasks
+
+
+def run_tasks(study: dict, gpus: int) -> list[Task]:
+    """One task per (arm, training seed[, classifier seed]): train (start-or-continue), then score every saved epoch.
+    An arm whose flags name no classifier ({name}) runs once per training seed."""
+    ev, out = study["evaluation"], study["out"]
+    early = [e for e in study.get("early", []) if e < study["epochs"]]
+    global_batch = study.get("global_batch", 256)
+    batch = min(study.get("batchsize", 64), global_batch // gpus)
+    tasks = []
+    for arm, flags in study["arms"].items():
+        uses = [n for n in study.get("classifiers", {}) if "{" + n + "}" in flags]
+        for seed in study["train_seeds"]:
+            for c in study.get("classifier_seeds", [0]) if uses else [None]:
+                name = f"{arm}-s{seed}" + (f"-c{c}" if c is not None else "")
+                files = {n: classifier_file(study, n, c) for n in uses}
+                run_dir = os.path.join(out, "runs", name)
+                train = python(gpus) + [
+                    "train.py", "--dataset", study["dataset"], "--data_root", study.get("data_root", "datasets"),
+                    "--image_size", str(study.get("image_size", -1)), *shlex.split(study.get("data_flags", "")),
+                    *shlex.split(study.get("train", "")), *shlex.split(flags.format(**files)),
+                    "--seed", str(seed), "--epoch", str(study["epochs"]), "--interval", str(study["interval"]),
+                    "--sample_every", str(study["epochs"]), "--keep_last", str(study.get("keep_last", 2)),
+                    "--global_batch", str(global_batch), "--batchsize", str(batch),
+                    *(["--save_epochs", ",".join(map(str, early))] if early else []),
+                    "--run_dir", run_dir, "--if_exists", "continue"]
+                score = python(gpus) + [
+                    "sample.py", "--path", run_dir, "--epoch", "all", *shlex.split(ev.get("sampler", "")),
+                    "--w", str(ev.get("w", 1.8)), "--genum", str(ev["images"]), "--seed", str(ev.get("seed", 0)),
+                    "--fid", "True", "--fid_features", ev.get("features", "inception"),
+                    "--eval_classifier", eval_classifier_file(study), "--per_class", str(ev.get("per_class", False)),
+                    "--data_root", study.get("data_root", "datasets"), "--png", "False", "--skip_scored", "True"]
+                tasks.append(Task(name, [train, score], "run", None, arm, seed, c, run_dir, gpus))
+    return tasks
+
+
+def estimate(study: dict, runs: list[Task]) -> str:
+    """Estimated GPU-hours and disk per run and in all, from the rates above (an estimate, not a measurement)."""
+    images = TRAINING_IMAGES.get(study["dataset"])
+    saved = len(evaluated_epochs(study))
+    if images is None:
+        return (f"# estimate: none for {study['dataset']} (GPU rates are known for cifar10, stl10 and tiny-imagenet "
+                f"at the paper's UNet); {len(runs)} runs, {saved} scored epochs each")
+    size = study.get("image_size", -1)
+    pixels = ((32 if size == -1 and study["dataset"] == "cifar10" else 64 if size == -1 else size) / 32) ** 2
+    train_h = study["epochs"] * images / (TRAIN_IMG_S / pixels) / 3600
+    score_h = saved * study["evaluation"]["images"] / (SAMPLE_IMG_S / pixels) / 3600
+    disk = (saved * WEIGHTS_MB + min(study.get("keep_last", 2), saved) * STATE_MB) / 1000
+    return (f"# estimate per run (H200 rates of 2026-11-26, the paper UNet; not a measurement): training "
+            f"{train_h:.1f} GPU-h ({study['epochs']} epochs x {images:,} images), scoring {saved} epochs "
+            f"{score_h:.1f} GPU-h, disk {disk:.1f} GB; {len(runs)} runs: {len(runs) * (train_h + score_h):.0f} "
+            f"GPU-h, {len(runs) * disk:.0f} GB")
+
+
+class Runner:
+    """Runs tasks as child processes; SIGTERM or SIGINT stops them (train.py checkpoints) and starts no more."""
+
+    def __init__(self, logs: str):
+        self.logs, self.stopped, self.children, self.lock = logs, None, set(), threading.Lock()
+
+    def forward(self, signum: int, _frame) -> None:
+        self.stopped = signal.Signals(signum).name
+        with self.lock:
+            for child in self.children:
+                child.send_signal(signum)
+
+    def run(self, task: Task, env: dict | None = None) -> str:
+        """'done', 'kept', 'stopped' or 'failed (log)' for one task, its commands one after another."""
+        if task.done_file and os.path.isfile(task.done_file):
+            return "kept"
+        os.makedirs(self.logs, exist_ok=True)
+        log_path = os.path.join(self.logs, f"{task.name}.log")
+        for cmd in task.commands:
+            with self.lock:
+                if self.stopped:
+                    return "stopped"
+                with open(log_path, "a") as log:
+                    log.write(f"+ {shlex.join(cmd)}\n")
+                    log.flush()
+                    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**os.environ, **(env or {}), **task.env})
+                self.children.add(child)
+            code = child.wait()
+            with self.lock:
+                self.children.discard(child)
+            if self.stopped:
+                return "stopped"
+            if code:
+                return f"failed (exit {code}; {log_path})"
+        return "done"
+
+
+def slots(jobs: int, gpus: int) -> list[dict]:
+    """The environment of each parallel slot: its GPUs (CUDA_VISIBLE_DEVICES), or its share of the CPU threads."""
+    if os.environ.get("LAUNCH"):  # every run on all the job's GPUs, one after another
+        return [{}]
+    import torch  # only here: a dry run and a report need no torch
+    visible = torch.cuda.device_count()  # honours CUDA_VISIBLE_DEVICES
+    if visible:
+        ids = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible)))).split(",")[:visible]
+        count = jobs or visible // gpus
+        if count * gpus > visible:
+            raise UserError(f"--jobs {count} x {gpus} GPUs per task needs {count * gpus} GPUs; {visible} are visible")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[j * gpus:(j + 1) * gpus])} for j in range(count)]
+    count = jobs or 1
+    threads = max(1, (os.cpu_count() or 1) // count)
+    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(count)]
+
+
+def run_parallel(runner: Runner, tasks: list[Task], envs: list[dict]) -> dict:
+    """Each task in the first free slot; {task name: outcome}."""
+    free = list(envs)
+    lock = threading.Lock()
+
+    def one(task: Task) -> tuple[str, str]:
+        with lock:
+            env = free.pop()
+        start = time.time()
+        try:
+            outcome = runner.run(task, env)
+        finally:
+            with lock:
+                free.append(env)
+        print(f"{task.name}: {outcome} ({time.time() - start:.0f} s)", flush=True)
+        return task.name, outcome
+
+    with ThreadPoolExecutor(len(envs)) as pool:
+        return dict(pool.map(one, tasks))
+
+
+def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
+    """Three sbatch calls: the classifiers, the array of runs after them, the report after the array."""
+    slurm = study.get("slurm", {})
+    logs = os.path.join(study["out"], "slurm")
+    again = [args.study, *(x for s in args.set for x in ("--set", s))] + (["--arms", ",".join(args.arms)]
+                                                                            if args.arms else [])
+    common = ["sbatch", "--parsable", f"--cpus-per-task={slurm.get('cpus_per_task', 8)}",
+              *shlex.split(slurm.get("sbatch", "")), *shlex.split(args.sbatch)]
+    gres = [f"--gres=gpu:{study.get('gpus_per_task', 1)}"] if slurm.get("gpus", True) else []
+    name = slurm.get("job_name", os.path.basename(study["out"]))
+    jobs = [("classifiers", [f"--job-name={name}-classifiers", f"--output={logs}/%x-%j.out",
+                             f"--time={slurm.get('classifier_time', '04:00:00')}", *gres], ["--task", "classifiers"]),
+            ("runs", [f"--job-name={name}-runs", f"--output={logs}/%x-%A_%a.out", f"--time={slurm.get('time', '24:00:00')}",
+                      f"--array=0-{n_runs - 1}" + (f"%{slurm['max_parallel']}" if "max_parallel" in slurm else ""),
+                      *gres], ["--task", "array"]),
+            ("report", [f"--job-name={name}-report", f"--output={logs}/%x-%j.out",
+                        f"--time={slurm.get('report_time', '04:00:00')}", *gres], ["--task", "report"])]
+    if not args.dry_run:
+        os.makedirs(logs, exist_ok=True)  # SLURM does not create the folder of --output
+    previous = None
+    for what, flags, task in jobs:
+        after = [f"--dependency={'afterok' if what == 'runs' else 'afterany'}:{previous}"] if previous else []
+        cmd = common + flags + after + ["scripts/study.sbatch", *again, *task]
+        if args.dry_run:
+            print("+ " + shlex.join(cmd))
+            previous = f"JOB_{what.upper()}"
+            continue
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"sbatch refused the {what} job: {r.stderr.strip() or r.stdout.strip()}")
+        previous = r.stdout.strip().split(";")[0]
+        print(f"{what}: job {previous}", flush=True)
+
+
+FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
+    "task": Rule(lambda v: v is None or v in ("classifiers", "array", "report") or str(v).isdigit(),
+                 "classifiers, array, report or a task number", "bogus"),
+    "jobs": at_least(0), "gpus_per_task": Rule(lambda v: v is None or v >= 1, "at least 1", "0"),
+    **{flag: ANY for flag in ("study", "set", "arms", "dry_run", "submit", "sbatch")},
+}
+
+
+def main(args: argparse.Namespace) -> None:
+    check_flags(args, FLAG_RULES)
+    study = load_study(args.study, args.set, args.arms)
+    gpus = args.gpus_per_task or study.get("gpus_per_task", 1)
+    args.jobs = args.jobs or study.get("jobs", 0)
+    if os.environ.get("LAUNCH"):  # one job on all its nodes (scripts/slurm.sbatch): NGPU processes per run
+        gpus = int(os.environ.get("NGPU", "1"))
+    study["gpus_per_task"] = gpus
+    classifiers, runs = classifier_tasks(study), run_tasks(study, gpus)
+    if args.submit:
+        return submit(args, study, len(runs))
+    if args.dry_run:
+        print(f"# study {args.study}: {len(study['arms'])} arms x {len(study['train_seeds'])} training seeds "
+              f"x {len(study.get('classifier_seeds', [0]))} classifier seeds -> {len(runs)} runs; scored epochs "
+              f"{','.join(map(str, evaluated_epochs(study)))}")
+        print(estimate(study, runs))
+        for i, task in enumerate(classifiers + runs):
+            label = f"task {i - len(classifiers)}" if task.kind == "run" else "classifiers"
+            kept = task.done_file and os.path.isfile(task.done_file)
+            print(f"# {label} {task.name}" + (" (kept)" if kept else ""))
+            for cmd in task.commands:
+                print("+ " + shlex.join(cmd))
+        return
+    runner = Runner(os.path.join(study["out"], "logs"))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, runner.forward)
+    task = os.environ.get("SLURM_ARRAY_TASK_ID") if args.task == "array" else args.task
+    if task is None and args.task == "array":
+        raise UserError("--task array reads SLURM_ARRAY_TASK_ID, which is not set (give the task number instead)")
+    if task not in (None, "classifiers", "report"):
+        if int(task) >= len(runs):
+            raise UserError(f"--task {task}: the study has tasks 0-{len(runs) - 1}")
+        outcomes = {runs[int(task)].name: runner.run(runs[int(task)])}
+    else:
+        outcomes = {}
+        if task in (None, "classifiers"):
+            outcomes |= run_parallel(runner, classifiers, slots(args.jobs, 1))
+        if task is None and all(o in ("done", "kept") for o in outcomes.values()):
+            outcomes |= run_parallel(runner, runs, slots(args.jobs, gpus))
+        if task == "report":  # the dependent task: score what a stopped or failed task left unscored
+            outcomes |= run_parallel(runner, [Task(t.name, t.commands[1:], "run", gpus=gpus) for t in runs
+                                              if os.path.isfile(os.path.join(t.run_dir, "config.json"))],
+                                     slots(args.jobs, gpus))
+    if runner.stopped:
+        print(f"study: stopped by {runner.stopped}; the same command continues", file=sys.stderr, flush=True)
+        sys.exit(143 if runner.stopped == "SIGTERM" else 130)
+    if task in (None, "report"):
+        print(write_report(study, runs), flush=True)
+    failed = {n: o for n, o in outcomes.items() if o.startswith("failed")}
+    if failed:
+        name, why = next(iter(failed.items()))
+        raise UserError(f"{len(failed)} task(s) failed, first {name}: {why}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run a study (arms x seeds, one evaluation, a report with paired "
+                                "intervals) here, as one SLURM task, or as a SLURM job array.")
+    p.add_argument("study", help="the study file (TOML; studies/README.md)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a key of the study file, e.g. --set epochs=200 --set evaluation.images=5000")
+    p.add_argument("--arms", type=lambda s: s.split(","), default=None, help="run only these arms (a comma list)")
+    p.add_argument("--task", default=None, help="run one task: classifiers, a run's number (see --dry-run), array "
+                   "(the number in SLURM_ARRAY_TASK_ID) or report (score what is left, then the report); default: all")
+    p.add_argument("--jobs", type=int, default=0, help="tasks side by side here (0: one per --gpus_per_task GPUs, "
+                   "one on a CPU)")
+    p.add_argument("--gpus_per_task", type=int, default=None, help="GPUs of each run (default: the study's "
+                   "gpus_per_task, 1): a torchrun of that many processes at the study's global batch")
+    p.add_argument("--dry_run", "--dry-run", type=str2bool, nargs="?", const=True, default=False,
+                   help="print every task's commands and the estimate, run nothing")
+    p.add_argument("--submit", type=str2bool, default=False, help="submit the study to SLURM (sbatch): the classifiers, "
+                   "an array of one task per run after them, and the report after the array")
+    p.add_argument("--sbatch", default="", help="more sbatch options for every job, e.g. '--partition=gpu'")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
