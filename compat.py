@@ -1,7 +1,7 @@
 """`--compat`: the original code's behaviours that this repo changed on purpose, restored to run what the authors ran.
 
 The flag is resolved here, once, into a `Compat`; each behaviour is read where it lives: the class table
-(`embedding.ConditionalEmbedding`'s padding_idx), the LR schedule (`train.make_lr_schedule`), the weights grids and
+(`embedding.ConditionalEmbedding`'s padding_idx), the LR schedule (`lr_schedule.make_lr_schedule`), the weights grids and
 FID use, and the conversions between uint8 images and the model's floats (`datasets.Pixels`).
 """
 from dataclasses import dataclass

@@ -120,6 +120,13 @@ def run_agreed(work: Callable[[], T], group: Any = None) -> T:
     return result
 
 
+def main_rank_first(work: Callable[[], T], d: Dist) -> T:
+    """work() on rank 0 first (a download writes the dataset once), then on the other ranks, which read what it
+    wrote; a failure on any rank reaches every rank (run_agreed), none waits for a rank that failed."""
+    first = run_agreed(lambda: work() if d.is_main else None, d.control)
+    return run_agreed(lambda: first if d.is_main else work(), d.control)
+
+
 def broadcast_object(obj: Any, group: Any = None) -> Any:
     """Rank 0's value of obj on every rank (of `group`, default all)."""
     if not dist.is_initialized():

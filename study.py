@@ -76,14 +76,14 @@ def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
     missing = [k for k in REQUIRED if k not in study]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (see studies/README.md)")
-    if arms:
+    for base in study["endpoints"].get("baselines", []):
+        if base not in study["arms"]:
+            raise UserError(f"endpoints.baselines names '{base}', which is not an arm ({', '.join(study['arms'])})")
+    if arms:  # a baseline left out has no paired tables
         unknown = [a for a in arms if a not in study["arms"]]
         if unknown:
             raise UserError(f"--arms {', '.join(unknown)}: not an arm of {path} ({', '.join(study['arms'])})")
         study["arms"] = {a: study["arms"][a] for a in arms}
-    for base in study["endpoints"].get("baselines", []):
-        if base not in study["arms"]:
-            raise UserError(f"endpoints.baselines names '{base}', which is not an arm ({', '.join(study['arms'])})")
     if not study["train_seeds"] or study["epochs"] < 1 or study["interval"] < 1:
         raise UserError("a study needs train_seeds, epochs >= 1 and interval >= 1")
     compat = study.get("compat", "none")
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every task's commands and the estimate, run nothing")
     p.add_argument("--submit", type=str2bool, default=False, help="submit the study to SLURM (sbatch): the classifiers, "
                    "an array of one task per run after them, and the report after the array")
-    p.add_argument("--sbatch", default="", help="more sbatch options for every job, e.g. '--partition=gpu'")
+    p.add_argument("--sbatch", default="", help="more sbatch options for every job, e.g. --sbatch='--partition=gpu --account=X'")
     return p
 
 

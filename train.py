@@ -11,10 +11,7 @@ Two nodes (run on each, NODE = 0 or 1):
 fixes it whatever the process count, by accumulating micro-batches of --batchsize.
 """
 import argparse
-import math
 import os
-import warnings
-from typing import Callable
 
 import torch
 from torch import nn
@@ -26,10 +23,11 @@ from cli import UserError, check_flags, run_cli
 from compat import Compat
 from datasets import DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
 from diffusion import GaussianDiffusion, make_betas
-from distributed import StopSignal, seed_everything, setup_distributed, teardown_distributed
+from distributed import StopSignal, main_rank_first, seed_everything, setup_distributed, teardown_distributed
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, evaluate_or_skip, make_evaluator, sample_grid
+from lr_schedule import continued_schedule, make_lr_schedule
 from runlog import Guards, LossMeter, RunLog
 from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
 from train_flags import FLAG_RULES, RUNTIME_FLAGS, build_parser  # every flag, its help and its rule
@@ -51,27 +49,6 @@ def table_norm(args: argparse.Namespace) -> float | None:
     if args.proto_norm == "default":
         return expected_row_norm(args.cdim)
     return float(args.proto_norm)  # checked by PROTO_NORM
-
-
-def make_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, multiplier: float, original: bool = False):
-    """Per epoch: linear warm-up from lr to lr*multiplier over max(1, epochs//20) epochs, then cosine to 0.
-
-    The optimizer's lr must already be the peak (lr * multiplier). The original's GradualWarmupScheduler
-    fell back to the base lr after warm-up; we keep the peak, as its own docstring intended. `original` restores
-    its trajectory: epoch e <= W = epochs//20 runs at lr (1 + (multiplier - 1) e / W), every later epoch at
-    lr (1 + cos(pi (e - W - 1) / epochs)) / 2, a cosine over all epochs restarted from the base lr.
-    """
-    warm = max(1, epochs // 20)
-    if original:
-        def factor(e: int) -> float:  # of the peak lr the optimizer holds
-            if e <= warm:
-                return (1 + (multiplier - 1) * e / warm) / multiplier
-            return (1 + math.cos(math.pi * (e - warm - 1) / epochs)) / 2 / multiplier
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / multiplier, end_factor=1.0,
-                                               total_iters=warm)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warm), eta_min=0.0)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
 
 
 def read_resume_flags(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -104,21 +81,6 @@ def micro_batches(global_batch: int, batchsize: int, world: int) -> int:
                         f"({batchsize} x {world} = {batchsize * world}); use a --batchsize that divides "
                         f"{global_batch // world}")
     return global_batch // (batchsize * world)
-
-
-def continued_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace, original: bool, start_epoch: int,
-                       old_total: int, say: Callable[[str], None]):
-    """A resumed run given a new --epoch: the schedule of a run of that many epochs, at start_epoch. Its warm-up
-    (epochs // 20) and cosine follow the new total, so the lr steps from the old schedule's value to the new one's."""
-    before = optimizer.param_groups[0]["lr"]
-    schedule = make_lr_schedule(optimizer, args.epoch, args.multiplier, original)
-    with warnings.catch_warnings():  # stepping without optimizer steps is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start_epoch):
-            schedule.step()
-    say(f"--epoch {old_total} -> {args.epoch}: the LR schedule is now that of {args.epoch} epochs; at epoch "
-        f"{start_epoch + 1} the lr goes from {before:.4g} to {optimizer.param_groups[0]['lr']:.4g}")
-    return schedule
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -233,7 +195,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                              args.compile_scope)
 
     # --- data: uint8 images on the training device when they take under a quarter of its free memory
-    data, cfg = read_data(args, d.world)
+    data, cfg = main_rank_first(lambda: read_data(args, d.world), d)  # one rank downloads, then the rest read
     protos = read_prototypes(args, cfg, d.device) if resume is None else None
     on_device = d.device.type == "cpu" or data.images.numel() < torch.cuda.mem_get_info(d.device)[0] // 4
     images = data.images.to(d.device) if on_device else data.images
@@ -285,8 +247,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     if resume is not None:
         start_epoch, skip = restore(state, resume, args.seed, d, log.line)
         if "epoch" in changes:
-            state.scheduler = continued_schedule(optimizer, args, compat.original_lr, start_epoch, changes["epoch"][0],
-                                                 log.line)
+            state.scheduler = continued_schedule(optimizer, args.epoch, args.multiplier, compat.original_lr, start_epoch,
+                                                 changes["epoch"][0], log.line)
         if finished:
             log.line(f"{run_dir} has trained all {args.epoch} epochs; nothing to do")
             teardown_distributed()

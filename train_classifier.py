@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import save_atomic
-from datasets import DATASETS, DatasetError, ShardedBatches, load_dataset, to_float
+from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, class_statistics, dce_and_prototype_loss, imagenet_resnet18
 from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli, str2bool
-from distributed import seed_everything, setup_distributed, teardown_distributed
+from distributed import main_rank_first, seed_everything, setup_distributed, teardown_distributed
 from structure import HEADER, structure_row, table_structure
 
 
@@ -50,13 +50,15 @@ def main(args: argparse.Namespace) -> None:
         args.batchsize = args.global_batch // d.world
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
-    try:
-        train = load_dataset(args.dataset, "train", args.data_root, args.image_size, args.download,
-                             args.tiny_imagenet_path, args.numworkers)
-        test = load_dataset(args.dataset, "test", args.data_root, train.size, args.download,
-                            args.tiny_imagenet_path, args.numworkers)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    def load() -> tuple[ImageData, ImageData]:
+        try:
+            train = load_dataset(args.dataset, "train", args.data_root, args.image_size, args.download,
+                                 args.tiny_imagenet_path, args.numworkers)
+            return train, load_dataset(args.dataset, "test", args.data_root, train.size, args.download,
+                                       args.tiny_imagenet_path, args.numworkers)
+        except DatasetError as e:
+            raise UserError(str(e)) from None
+    train, test = main_rank_first(load, d)  # one rank downloads, then the rest read
     seed_everything(args.seed)
     resnet = imagenet_resnet18() if args.pretrained else None
     model = PrototypeClassifier(len(train.classes), args.cdim, args.scale, resnet).to(d.device)

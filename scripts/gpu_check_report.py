@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 ENTRY_POINTS = ("train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",
-                "experiment_report")
+                "study")
 
 
 def preflight(work: str) -> int:

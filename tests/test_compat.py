@@ -13,6 +13,7 @@ from torchvision import transforms
 from conftest import TINY
 
 import evaluate
+import lr_schedule
 import sample
 import train
 from compat import Compat, parse_compat
@@ -32,7 +33,7 @@ ORIGINAL_LAST_5 = [0.059, 0.049, 0.040, 0.031, 0.024]
 
 def lr_trajectory(epochs, lr=2e-4, multiplier=2.5, original=True):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr * multiplier)
-    sched = train.make_lr_schedule(opt, epochs, multiplier, original)
+    sched = lr_schedule.make_lr_schedule(opt, epochs, multiplier, original)
     out = []
     for _ in range(epochs):
         out.append(opt.param_groups[0]["lr"])

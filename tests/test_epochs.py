@@ -9,9 +9,9 @@ import torch
 
 from conftest import TINY
 
-import experiment_report
 import plot_fid
 import sample
+import study_report
 import train
 from fid import (REF_PER_CLASS, FeatureStats, dataset_stats, frechet_distance, kernel_distance,
                  load_or_make_reference, read_reference)
@@ -174,16 +174,18 @@ def test_per_class_figures_of_chosen_classes_and_kid_only_in_a_wide_feature_spac
     assert "fid" not in wide["per_class"] and wide["value"] == pytest.approx(narrow["value"], rel=1e-6)  # unchanged
 
 
-def test_one_class_curve_in_plot_fid_and_experiment_report(trained, tmp_path):
+def test_one_class_curve_in_plot_fid_and_class_0_apart_in_a_study_report(trained, tmp_path):
     run, clf = trained
     shutil.copytree(run, tmp_path / "run")
     records = run_sample(tmp_path / "run", clf, tmp_path, "all")
     plot_fid.main(plot_fid.build_parser().parse_args([str(tmp_path / "run"), "--class_index", "3",
                                                       "--out", str(tmp_path / "c3.png")]))
     assert (tmp_path / "c3.png").stat().st_size > 0
-    runs = experiment_report.collect([str(tmp_path / "run")], class_index=3)
-    (seeds,) = runs.values()
-    assert seeds[0] == {r["step"]: (r["per_class"]["fid"][3], r["per_class"]["class_accuracy"][3], r["epoch"])
-                        for r in records}
+    curve = study_report.read_run(str(tmp_path / "run"), {"images": 20, "w": 1.8, "seed": 0})
+    assert sorted(curve) == [r["epoch"] for r in records]
+    for r in records:
+        per = r["per_class"]
+        assert curve[r["epoch"]]["fid_class0"] == per["fid"][0]
+        assert curve[r["epoch"]]["accuracy_others"] == pytest.approx(100 * np.mean(per["class_accuracy"][1:]))
     with pytest.raises(UserError, match="not a class"):
         plot_fid.fid_curve(str(tmp_path / "run"), 10)

@@ -10,10 +10,10 @@ from conftest import ROOT, run_env, run_program
 
 import audit
 import bench
-import experiment_report
 import plot_fid
 import sample
 import structure
+import study
 import train
 import train_classifier
 from cli import UserError
@@ -24,7 +24,7 @@ SCRIPTS = {  # module, the arguments a command needs besides the flag under test
     "train_classifier.py": (train_classifier, ["--dataset", "digits"]),
     "bench.py": (bench, []),
     "plot_fid.py": (plot_fid, ["RUN"]),
-    "experiment_report.py": (experiment_report, ["RUN"]),
+    "study.py": (study, ["STUDY.toml"]),
     "structure.py": (structure, ["TABLE", "--classifier", "CLF"]),
     "audit.py": (audit, ["RUN"]),
 }
@@ -58,7 +58,7 @@ def test_a_bad_value_is_refused_before_anything_is_written(tmp_path, monkeypatch
 @pytest.mark.parametrize("script,flags", [
     ("sample.py", ["--path", "RUN", "--genbatch", "0"]), ("sample.py", ["--path", "RUN", "--eta", "-1"]),
     ("train.py", ["--dataset", "digits", "--clsnum", "0"]), ("plot_fid.py", ["RUN", "--title", "t", "--out", "o.png"]),
-    ("experiment_report.py", ["RUN", "--thresholds", "0.5", "1.5"]), ("bench.py", ["--rows", "train,fast"]),
+    ("study.py", ["STUDY.toml", "--set", "epochs=2"]), ("bench.py", ["--rows", "train,fast"]),
     ("audit.py", ["RUN", "--weights", "best"]),
 ])
 def test_one_error_line_exit_2_no_traceback_nothing_written(tmp_path, monkeypatch, script, flags):

@@ -10,16 +10,16 @@ from conftest import ROOT
 
 import audit
 import bench
-import experiment_report
 import plot_fid
 import sample
 import structure
+import study
 import train
 import train_classifier
 
 PARSERS = {"train.py": train.build_parser, "sample.py": sample.build_parser, "bench.py": bench.build_parser,
            "train_classifier.py": train_classifier.build_parser, "plot_fid.py": plot_fid.build_parser,
-           "experiment_report.py": experiment_report.build_parser, "structure.py": structure.build_parser,
+           "study.py": study.build_parser, "structure.py": structure.build_parser,
            "audit.py": audit.build_parser}
 PLACEHOLDERS = {"E": "1", "NODE": "0", "HOST:29500": "localhost:29500", "P": "p.pt", "CLF": "clf.pt"}
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))

@@ -16,77 +16,83 @@ PARSERS = {"train.py": train.build_parser, "sample.py": sample.build_parser,
            "train_classifier.py": train_classifier.build_parser}
 
 
+def dry_run(script: str, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """A dataset script's --dry-run and the commands it prints."""
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *args, "--dry-run"], capture_output=True,
+                       text=True, env=dict(os.environ, **(env or {})), cwd=ROOT)
+    return r, [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+
+
 @pytest.mark.parametrize("script,dataset,compat", [("cifar10.sh", "cifar10", "none"), ("stl10.sh", "stl10", "original"),
                                                    ("tiny_imagenet.sh", "tiny-imagenet", "padding_idx")])
-def test_dataset_scripts_dry_run_print_commands_that_parse(script, dataset, compat):
-    env = dict(os.environ, EPOCHS="4", INTERVAL="2", NGPU="2", COMPAT=compat)
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run"], capture_output=True, text=True,
-                       env=env, cwd=ROOT)
+def test_dataset_scripts_dry_run_print_a_study_whose_commands_parse(script, dataset, compat):
+    r, commands = dry_run(script, env={"COMPAT": compat})
     assert r.returncode == 0, r.stderr
-    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
     scripts = [next(w for w in cmd if w.endswith(".py")) for cmd in commands]
-    # 2 classifiers, then per mode: 1 training + one sample.py for the FID of every saved epoch; then the plot
-    assert scripts == ["train_classifier.py"] * 2 + ["train.py", "sample.py"] * 5 + ["plot_fid.py"]
-    modes = []
+    # 2 prototype classifiers and the evaluation classifier, then per (arm, seeds): train, then score every epoch
+    assert scripts == ["train_classifier.py"] * 3 + ["train.py", "sample.py"] * 30
+    out = f"results/{script[:-3]}" + (f"-compat_{compat}" if compat != "none" else "")  # one folder per --compat
+    arms = []
     for cmd, name in zip(commands, scripts):
-        if name in PARSERS:
-            args = PARSERS[name]().parse_args(cmd[cmd.index(name) + 1:])
-            assert args.dataset == dataset if name != "sample.py" else args.fid and args.epoch == "all"
-            if name == "train.py":
-                modes.append(args.mode)
-                assert "--nproc_per_node=2" in cmd and args.epoch == 4 and args.cdim == 128 and args.compat == compat
-                assert (args.global_batch, args.batchsize) == (256, 64)  # the paper's global batch
-    assert modes == ["regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled"]
-    assert ("raw) vs epoch" in commands[-1][-1]) == (compat == "original")  # the plot names the weights FID used
+        args = PARSERS[name]().parse_args(cmd[cmd.index(name) + 1:])
+        if name == "train_classifier.py":
+            assert args.dataset == dataset and args.global_batch == 128 and args.out.startswith(out + "/")
+        if name == "sample.py":
+            assert args.fid and args.epoch == "all" and args.eval_classifier == f"{out}/classifiers/eval_classifier-c100.pt"
+        if name == "train.py":
+            arms.append((args.mode, args.compat))
+            assert args.dataset == dataset and args.epoch == 200 and args.cdim == 128 and args.run_dir.startswith(out)
+            assert (args.global_batch, args.batchsize) == (256, 64)  # the paper's global batch
+    expected = {"none": "none", "original": "original", "padding_idx": "padding_idx"}[compat]
+    assert sorted(set(arms)) == sorted({("regular", expected), ("regular", "padding_idx"), ("proto_frozen", expected),
+                                        ("proto_unfrozen", expected), ("random_scaled", expected),
+                                        ("proto_shuffled", expected)})
 
 
-@pytest.mark.parametrize("ngpu,batch", [(1, 64), (2, 64), (4, 64), (8, 32)])
-def test_the_pipeline_trains_at_the_papers_global_batch_on_any_gpu_count(ngpu, batch):
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
-                       text=True, env=dict(os.environ, NGPU=str(ngpu)), cwd=ROOT)
-    cmd = shlex.split(next(line[2:] for line in r.stdout.splitlines() if " train.py " in line))
+@pytest.mark.parametrize("gpus,batch", [(1, 64), (2, 64), (4, 64), (8, 32)])
+def test_each_run_trains_at_the_papers_global_batch_on_any_gpu_count(gpus, batch):
+    _, commands = dry_run("cifar10.sh", "--gpus_per_task", str(gpus))
+    cmd = next(c for c in commands if "train.py" in c)
     args = train.build_parser().parse_args(cmd[cmd.index("train.py") + 1:])
-    assert f"--nproc_per_node={ngpu}" in cmd and (args.batchsize, args.global_batch) == (batch, 256)
-    assert train.micro_batches(args.global_batch, args.batchsize, ngpu) * batch * ngpu == 256
+    assert (f"--nproc_per_node={gpus}" in cmd) == (gpus > 1) and (args.batchsize, args.global_batch) == (batch, 256)
+    assert train.micro_batches(args.global_batch, args.batchsize, gpus) * batch * gpus == 256
 
 
-def test_the_pipeline_saves_log_spaced_early_epochs_light_and_estimates_each_arm():
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
-                       text=True, env=dict(os.environ, NGPU="4"), cwd=ROOT)
-    cmd = shlex.split(next(line[2:] for line in r.stdout.splitlines() if " train.py " in line))
+def test_the_study_saves_log_spaced_early_epochs_light_and_estimates_each_run():
+    r, commands = dry_run("cifar10.sh")
+    cmd = next(c for c in commands if "train.py" in c)
     args = train.build_parser().parse_args(cmd[cmd.index("train.py") + 1:])
-    assert (args.save_epochs, args.interval, args.epoch, args.keep_last) == ([1, 2, 4, 8, 16, 32], 50, 1500, 2)
-    # 1500 epochs x 60,000 images at 1,596 img/s; 30 + 6 saved epochs x 10,000 images at 96 img/s;
-    # 36 weights files of 113.0 MB and 2 full states of 452.2 MB
-    hours, score, disk = 1500 * 60000 / 1596 / 3600, 36 * 10000 / 96 / 3600, (36 * 113.0 + 2 * 452.2) / 1000
-    assert (f"# estimate per arm: training {hours:.1f} GPU-h, scoring 36 epochs {score:.1f} GPU-h, disk {disk:.1f} GB"
-            in r.stdout)
+    assert (args.save_epochs, args.interval, args.epoch, args.keep_last) == ([1, 2, 4, 8, 16], 25, 200, 2)
+    # 200 epochs x 50,000 training images at 1,596 img/s; 13 scored epochs x 10,000 images at 96 img/s;
+    # 13 weights files of 113.0 MB and 2 full states of 452.2 MB
+    hours, score, disk = 200 * 50000 / 1596 / 3600, 13 * 10000 / 96 / 3600, (13 * 113.0 + 2 * 452.2) / 1000
+    assert (f"training {hours:.1f} GPU-h (200 epochs x 50,000 images), scoring 13 epochs {score:.1f} GPU-h, "
+            f"disk {disk:.1f} GB; 30 runs: {30 * (hours + score):.0f} GPU-h" in r.stdout)
 
 
-def test_digits_experiment_dry_run_gives_each_arm_its_table(tmp_path):
+def test_the_digits_studies_dry_run_give_each_arm_its_table(tmp_path):
     out = str(tmp_path / "study")
-    env = dict(os.environ, OUT=out, SEEDS="3")
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "digits_experiment.sh"), "--dry-run"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
+    r, commands = dry_run("digits_experiment.sh", "--set", f"out=\"{out}\"", "train_seeds=[3]")
     assert r.returncode == 0, r.stderr
-    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
     classifiers = [train_classifier.build_parser().parse_args(c[c.index("train_classifier.py") + 1:])
                    for c in commands if "train_classifier.py" in c]
     assert [(a.out, a.seed, a.center_lr_mult) for a in classifiers] == [
-        (f"{out}/prototypes.pt", 0, 1), (f"{out}/eval_classifier.pt", 1, 1), (f"{out}/prototypes_lr100.pt", 0, 100)]
+        (f"{out}/classifiers/prototypes-c0.pt", 0, 1), (f"{out}/classifiers/prototypes_lr100-c0.pt", 0, 100),
+        (f"{out}/classifiers/eval_classifier-c1.pt", 1, 1)]
     runs = [train.build_parser().parse_args(c[c.index("train.py") + 1:]) for c in commands if "train.py" in c]
     table = {os.path.basename(a.run_dir): (a.mode, a.proto_norm, a.proto_source,
                                            a.path_proto and os.path.basename(a.path_proto)) for a in runs}
     assert table == {"regular-s3": ("regular", "keep", "centres", None),
-                     "centres-s3": ("proto_frozen", "default", "centres", "prototypes.pt"),
-                     "centres_lr100-s3": ("proto_frozen", "default", "centres", "prototypes_lr100.pt"),
-                     "means-s3": ("proto_frozen", "default", "means", "prototypes.pt"),
-                     "random-s3": ("random_scaled", "default", "centres", "prototypes.pt")}
-    assert {a.seed for a in runs} == {3} and {a.eval_classifier for a in runs} == {f"{out}/eval_classifier.pt"}
-    assert not os.path.exists(out)  # a dry run writes nothing
-    bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "digits_experiment.sh"), "--dry-run"],
-                         capture_output=True, text=True, env=dict(env, ARMS="regular bogus"), cwd=ROOT)
-    assert bad.returncode == 2 and "unknown arm 'bogus'" in bad.stderr
+                     "centres-s3-c0": ("proto_frozen", "default", "centres", "prototypes-c0.pt"),
+                     "centres_lr100-s3-c0": ("proto_frozen", "default", "centres", "prototypes_lr100-c0.pt"),
+                     "means-s3-c0": ("proto_frozen", "default", "means", "prototypes-c0.pt"),
+                     "random-s3-c0": ("random_scaled", "default", "centres", "prototypes-c0.pt")}
+    assert {a.seed for a in runs} == {3} and not os.path.exists(out)  # a dry run writes nothing
+    r, commands = dry_run("digits_experiment.sh", "studies/digits_study3.toml")
+    runs = [train.build_parser().parse_args(c[c.index("train.py") + 1:]) for c in commands if "train.py" in c]
+    assert len(runs) == 20 and {(a.mode, a.compat, a.proto_norm) for a in runs} == {
+        ("regular", "none", "keep"), ("regular", "padding_idx", "keep"), ("proto_frozen", "none", "keep"),
+        ("proto_frozen", "none", "default")}
 
 
 def test_class0_check_dry_run_trains_the_two_baselines_with_one_seed_and_audits_them(tmp_path):
@@ -126,24 +132,26 @@ def fake_slurm(tmp_path):
 def test_the_slurm_script_launches_every_command_on_all_nodes_at_the_papers_global_batch(tmp_path):
     env, _ = fake_slurm(tmp_path)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), "scripts/cifar10.sh", "--dry-run"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
+                       capture_output=True, text=True, env=dict(env, SLURM_CPUS_PER_TASK="16"), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
-    launched = [c for c in commands if "plot_fid.py" not in c]
-    assert len(launched) == 12  # 2 classifiers, 5 x (train, sample)
-    for cmd in launched:
-        assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert len(commands) == 63  # 3 classifiers, 30 x (train, score)
+    for cmd in commands:
+        assert cmd[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
         assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
-                "--rdzv_endpoint=gpu-a:29500"} <= set(cmd)
+                "--rdzv_endpoint=gpu-a:20042"} <= set(cmd)  # a rendezvous port of this job's own
     runs = [train.build_parser().parse_args(c[c.index("train.py") + 1:]) for c in commands if "train.py" in c]
     assert {(a.global_batch, a.batchsize, a.if_exists) for a in runs} == {(256, 32, "continue")}  # 8 GPUs x 32
     scores = [sample.build_parser().parse_args(c[c.index("sample.py") + 1:]) for c in commands if "sample.py" in c]
     assert all(s.skip_scored for s in scores)
 
 
-def test_the_slurm_script_stops_the_running_step_and_requeues_before_the_time_limit(tmp_path):
+@pytest.mark.parametrize("array", [False, True])
+def test_the_slurm_script_stops_the_running_step_and_requeues_before_the_time_limit(tmp_path, array):
     env, log = fake_slurm(tmp_path)
-    step = tmp_path / "step.sh"  # stands for the pipeline: ends when its step is cancelled with SIGTERM
+    if array:  # an array task's job id is its own; the array's id would address every task
+        env.update(SLURM_ARRAY_JOB_ID="40", SLURM_ARRAY_TASK_ID="2")
+    step = tmp_path / "step.sh"  # stands for the study: ends when its step is cancelled with SIGTERM
     step.write_text(f"echo $$ > {tmp_path}/step.pid\nsleep 60 & trap 'kill $!; exit 0' TERM\nwait\n")
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), str(step)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -152,14 +160,12 @@ def test_the_slurm_script_stops_the_running_step_and_requeues_before_the_time_li
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "requeueing" in err, err
-    calls = log.read_text().splitlines()
-    assert calls[-2:] == ["scancel --signal=TERM 42", "scontrol requeue 42"], calls
+    me = "40_2" if array else "42"
+    assert log.read_text().splitlines()[-2:] == [f"scancel --signal=TERM {me}", f"scontrol requeue {me}"]
 
 
-def test_a_rerun_of_the_pipeline_keeps_its_finished_classifiers(tmp_path):
-    (tmp_path / "prototypes.pt").write_bytes(b"done")  # the first classifier finished before a preemption
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cifar10.sh"), "--dry-run"], capture_output=True,
-                       text=True, env=dict(os.environ, NGPU="1", OUT=str(tmp_path)), cwd=ROOT)
-    assert f"# kept {tmp_path}/prototypes.pt" in r.stdout
-    classifiers = [line for line in r.stdout.splitlines() if line.startswith("+ ") and "train_classifier.py" in line]
-    assert len(classifiers) == 1 and f"--out {tmp_path}/eval_classifier.pt" in classifiers[0]
+def test_a_rerun_of_a_study_keeps_its_finished_classifiers(tmp_path):
+    (tmp_path / "classifiers").mkdir()
+    (tmp_path / "classifiers" / "prototypes-c0.pt").write_bytes(b"done")  # finished before a preemption
+    r, commands = dry_run("cifar10.sh", "--set", f"out=\"{tmp_path}\"")
+    assert "# classifiers prototypes-c0 (kept)" in r.stdout and "# classifiers prototypes-c1\n" in r.stdout

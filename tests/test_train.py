@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, run_env, run_program
 
+import lr_schedule
 import train
 from checkpoints import build_models
 
@@ -88,7 +89,7 @@ def test_the_epoch_record_is_the_mean_of_the_epochs_step_losses(tmp_path, tiny_a
 def test_lr_schedule_warms_up_then_cosine_to_zero():
     lr, m, epochs = 2e-4, 2.5, 40
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr * m)
-    sched = train.make_lr_schedule(opt, epochs, m)
+    sched = lr_schedule.make_lr_schedule(opt, epochs, m)
     warm = 2
     for e in range(epochs):
         expected = lr * (1 + (m - 1) * e / warm) if e < warm else \

@@ -1,0 +1,191 @@
+"""study.py: the task list and its array mapping, the SLURM submission and task script, start-or-continue across
+a stop, and the one-line errors."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import pytest
+
+from conftest import ROOT, run_env, run_program
+
+import sample
+import study
+import train
+import train_classifier
+
+STUDY = """
+dataset = "digits"
+out = "{out}"
+epochs = {epochs}
+interval = 1
+early = []
+global_batch = 64
+batchsize = 64
+train_seeds = [0, 1]
+classifier_seeds = [0, 1]
+train = "--modch 32 --chmul 1,2 --numres 1 --ddim True --num_steps 3 --genbatch 10 --log_every 5"
+[classifiers]
+prototypes = "--pretrained False --epoch 1"
+[eval_classifier]
+seed = 7
+flags = "--pretrained False --epoch 1"
+[arms]
+regular = "--mode regular"
+regular_padding_idx = "--mode regular --compat padding_idx"
+proto_frozen = "--mode proto_frozen --path_proto {{prototypes}}"
+[evaluation]
+images = 20
+features = "classifier"
+sampler = "--ddim True --num_steps 3 --genbatch 10"
+seed = 3
+[endpoints]
+baselines = ["regular", "regular_padding_idx"]
+fid_threshold = 5.0
+early_until = 2
+"""
+
+
+def write_study(tmp_path, epochs=2, **replace):
+    text = STUDY.format(out=tmp_path / "out", epochs=epochs)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def parse(cmd, parsers={"train.py": train, "sample.py": sample, "train_classifier.py": train_classifier}):
+    name = next(w for w in cmd if w in parsers)
+    return name, parsers[name].build_parser().parse_args(cmd[cmd.index(name) + 1:])
+
+
+def test_arms_times_seeds_with_classifier_seeds_only_where_an_arm_uses_a_classifier(tmp_path):
+    s = study.load_study(write_study(tmp_path), [], None)
+    runs = study.run_tasks(s, gpus=1)
+    # regular and its padding_idx twin use no classifier: once per training seed; proto_frozen per (seed, classifier)
+    assert [t.name for t in runs] == ["regular-s0", "regular-s1", "regular_padding_idx-s0", "regular_padding_idx-s1",
+                                      "proto_frozen-s0-c0", "proto_frozen-s0-c1", "proto_frozen-s1-c0",
+                                      "proto_frozen-s1-c1"]
+    out = str(tmp_path / "out")
+    for task in runs:
+        (_, tr), (_, sc) = parse(task.commands[0]), parse(task.commands[1])
+        assert (tr.seed, tr.run_dir, tr.if_exists, tr.epoch, tr.interval) == (task.seed, task.run_dir, "continue", 2, 1)
+        assert tr.compat == ("padding_idx" if task.arm == "regular_padding_idx" else "none")
+        if task.arm == "proto_frozen":
+            assert tr.path_proto == f"{out}/classifiers/prototypes-c{task.classifier_seed}.pt"
+        # one evaluation for every run: same images, sampling seeds, classifier; every saved epoch, once
+        assert (sc.path, sc.epoch, sc.genum, sc.seed, sc.fid, sc.skip_scored) == (task.run_dir, "all", 20, 3, True, True)
+        assert sc.eval_classifier == f"{out}/classifiers/eval_classifier-c7.pt"
+    classifiers = [parse(t.commands[0])[1] for t in study.classifier_tasks(s)]
+    assert [(a.seed, a.out) for a in classifiers] == [(0, f"{out}/classifiers/prototypes-c0.pt"),
+                                                      (1, f"{out}/classifiers/prototypes-c1.pt"),
+                                                      (7, f"{out}/classifiers/eval_classifier-c7.pt")]
+
+
+@pytest.mark.parametrize("gpus,batch", [(1, 64), (2, 32), (4, 16)])
+def test_each_run_keeps_the_studys_global_batch_on_its_gpus(tmp_path, gpus, batch):
+    s = study.load_study(write_study(tmp_path), [], None)
+    cmd = study.run_tasks(s, gpus)[0].commands[0]
+    _, args = parse(cmd)
+    assert (args.global_batch, args.batchsize) == (64, batch)
+    assert (f"--nproc_per_node={gpus}" in cmd) == (gpus > 1) and ("--standalone" in cmd) == (gpus > 1)
+
+
+def test_the_array_task_number_picks_one_run_and_runs_only_it(tmp_path):
+    path = write_study(tmp_path)
+    ran = []
+    with mock.patch.object(study.Runner, "run", lambda self, task, env=None: ran.append(task.name) or "done"):
+        r = run_program("study.py", [path, "--task", "array"], env={"SLURM_ARRAY_TASK_ID": "5"})
+        assert r.returncode == 0, r.stderr
+        assert run_program("study.py", [path, "--task", "2"]).returncode == 0
+        bad = run_program("study.py", [path, "--task", "8"])
+    assert ran == ["proto_frozen-s0-c1", "regular_padding_idx-s0"]
+    assert bad.returncode == 2 and "--task 8: the study has tasks 0-7" in bad.stderr
+
+
+def test_submit_makes_an_array_between_the_classifiers_and_the_report(tmp_path):
+    path = write_study(tmp_path)
+    r = run_program("study.py", [path, "--submit", "True", "--dry_run", "True", "--set", "epochs=3",
+                                 "--sbatch=--partition=gpu"])
+    assert r.returncode == 0, r.stderr
+    calls = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert len(calls) == 3 and all(c[0] == "sbatch" and "--partition=gpu" in c for c in calls)
+    assert all(c[c.index("scripts/study.sbatch") + 1:][:3] == [path, "--set", "epochs=3"] for c in calls)
+    assert [c[-1] for c in calls] == ["classifiers", "array", "report"]
+    assert "--array=0-7" in calls[1] and "--dependency=afterok:JOB_CLASSIFIERS" in calls[1]
+    assert "--dependency=afterany:JOB_RUNS" in calls[2]
+    assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
+
+
+def test_overrides_compat_and_one_line_errors(tmp_path):
+    path = write_study(tmp_path)
+    (tmp_path / "bad.toml").write_text("[arms\n")
+    s = study.load_study(path, ["evaluation.images=40", "compat=original", "train_seeds=[3]"], ["regular"])
+    assert s["evaluation"]["images"] == 40 and s["out"].endswith("out-compat_original")
+    (task,) = study.run_tasks(s, 1)
+    assert parse(task.commands[0])[1].compat == "original" and task.seed == 3
+    for args, message in [([path, "--arms", "regular,bogus"], "--arms bogus: not an arm"),
+                          ([str(tmp_path / "none.toml")], "cannot read the study file"),
+                          ([str(tmp_path / "bad.toml")], "is not valid TOML"),
+                          ([path, "--set", "epochs"], "--set takes key=value"),
+                          ([path, "--task", "array"], "SLURM_ARRAY_TASK_ID, which is not set")]:
+        r = run_program("study.py", args)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    path = write_study(tmp_path, **{'"regular_padding_idx"]': '"nothing"]'})
+    r = run_program("study.py", [path, "--dry_run", "True"])
+    assert r.returncode == 2 and "endpoints.baselines names 'nothing'" in r.stderr
+
+
+def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
+    path = write_study(tmp_path, epochs=3, **{"train_seeds = [0, 1]": "train_seeds = [0]",
+                                              "classifier_seeds = [0, 1]": "classifier_seeds = [0]"})
+    cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular,regular_padding_idx"]
+    proc = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out" / "logs" / "regular-s0.log"
+    deadline = time.time() + 300
+    while not (log.exists() and "epoch 2/3" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, and study.sbatch at the time limit
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM; the same command continues" in err, err
+    assert "stopped by SIGTERM" in log.read_text()
+    assert not os.path.exists(tmp_path / "out" / "runs" / "regular_padding_idx-s0")  # no task started after it
+    r = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resum" in log.read_text().split("stopped by SIGTERM")[1]  # continued, not started again
+    for name in ("regular-s0", "regular_padding_idx-s0"):
+        records = [json.loads(line) for line in open(tmp_path / "out" / "runs" / name / "metrics.jsonl")]
+        assert sorted(r["epoch"] for r in records if r.get("event") == "fid") == [1, 2, 3]
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["3"]["n"] == 1
+    again = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "regular-s0: done" in again.stdout and "already scored" in \
+        log.read_text().split("+ ")[-1]
+
+
+def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho scontrol \"$@\" >> {calls}\n")
+    fake_py = tmp_path / "python"  # stands for study.py: writes its pid, checkpoints (exits) on SIGTERM
+    fake_py.write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/args\ntrap 'kill $!; echo TERM >> {calls}; exit 143' TERM\n"
+                       f"echo $$ > {tmp_path}/pid\nsleep 60 & wait\n")
+    for f in (bin_dir / "scontrol", fake_py):
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(fake_py), SLURM_JOB_ID="57",
+               SLURM_ARRAY_JOB_ID="42", SLURM_ARRAY_TASK_ID="3", SLURM_SUBMIT_DIR=ROOT)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "study.sbatch"), "s.toml", "--task", "array"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "pid").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "job 42_3 stops with a checkpoint and is requeued" in err, err
+    assert calls.read_text().splitlines() == ["TERM", "scontrol requeue 42_3"]  # the task, not the array (42)
+    assert (tmp_path / "args").read_text().split() == ["study.py", "s.toml", "--task", "array"]
