@@ -169,6 +169,34 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
     return tasks
 
 
+def reference_task(study: dict, argv: list[str]) -> Task:
+    """The evaluation's reference statistics, computed once after the classifiers (in their SLURM job, with its own
+    time limit), so that no run's scoring starts them over at every requeue."""
+    return Task("reference", [[sys.executable, "study.py", *argv, "--task", "reference"]], "classifier")
+
+
+def make_reference(study: dict) -> str:
+    """Compute and cache the reference statistics sample.py will read (evaluate.reference_path names the file)."""
+    import torch
+    from datasets import DatasetError, load_dataset
+    from evaluate import Scoring, classifier_for, reference_path
+    ev, root = study["evaluation"], study.get("data_root", "datasets")
+    tiny = shlex.split(study.get("data_flags", ""))
+    tiny = tiny[tiny.index("--tiny_imagenet_path") + 1] if "--tiny_imagenet_path" in tiny else None
+    try:
+        data = load_dataset(study["dataset"], "all", root, study.get("image_size", -1), False, tiny)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    cfg = {"dataset": study["dataset"], "image_size": data.size, "num_classes": len(data.classes),
+           "tiny_imagenet_path": tiny}
+    clf_file = eval_classifier_file(study)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = reference_path(cfg, ev.get("features", "inception"), root, clf_file)
+    Scoring(ev.get("features", "inception"), path, root, classifier_for(clf_file).to(device), clf_file,
+            per_class=ev.get("per_class", False)).reference_stats(cfg, device, 0, 1)
+    return path
+
+
 def estimate(study: dict, runs: list[Task]) -> str:
     """Estimated GPU-hours and disk per run and in all, from the rates above (an estimate, not a measurement)."""
     images = TRAINING_IMAGES.get(study["dataset"])
@@ -263,12 +291,16 @@ def run_parallel(runner: Runner, tasks: list[Task], envs: list[dict]) -> dict:
         return dict(pool.map(one, tasks))
 
 
+def again(args: argparse.Namespace) -> list[str]:
+    """study.py's arguments that name this study (file, overrides, arms), for the commands it starts."""
+    return [args.study, *(["--set", *args.set] if args.set else []), *(["--arms", ",".join(args.arms)]
+                                                                       if args.arms else [])]
+
+
 def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
     """Three sbatch calls: the classifiers, the array of runs after them, the report after the array."""
     slurm = study.get("slurm", {})
     logs = os.path.join(study["out"], "slurm")
-    again = [args.study, *(x for s in args.set for x in ("--set", s))] + (["--arms", ",".join(args.arms)]
-                                                                            if args.arms else [])
     common = ["sbatch", "--parsable", f"--cpus-per-task={slurm.get('cpus_per_task', 8)}",
               *shlex.split(slurm.get("sbatch", "")), *shlex.split(args.sbatch)]
     gres = [f"--gres=gpu:{study.get('gpus_per_task', 1)}"] if slurm.get("gpus", True) else []
@@ -285,7 +317,7 @@ def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
     previous = None
     for what, flags, task in jobs:
         after = [f"--dependency={'afterok' if what == 'runs' else 'afterany'}:{previous}"] if previous else []
-        cmd = common + flags + after + ["scripts/study.sbatch", *again, *task]
+        cmd = common + flags + after + ["scripts/study.sbatch", *again(args), *task]
         if args.dry_run:
             print("+ " + shlex.join(cmd))
             previous = f"JOB_{what.upper()}"
@@ -298,8 +330,8 @@ def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
 
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
-    "task": Rule(lambda v: v is None or v in ("classifiers", "array", "report") or str(v).isdigit(),
-                 "classifiers, array, report or a task number", "bogus"),
+    "task": Rule(lambda v: v is None or v in ("classifiers", "reference", "array", "report") or str(v).isdigit(),
+                 "classifiers, reference, array, report or a task number", "bogus"),
     "jobs": at_least(0), "gpus_per_task": Rule(lambda v: v is None or v >= 1, "at least 1", "0"),
     **{flag: ANY for flag in ("study", "set", "arms", "dry_run", "submit", "sbatch")},
 }
@@ -321,8 +353,9 @@ def main(args: argparse.Namespace) -> None:
               f"x {len(study.get('classifier_seeds', [0]))} classifier seeds -> {len(runs)} runs; scored epochs "
               f"{','.join(map(str, evaluated_epochs(study)))}")
         print(estimate(study, runs))
-        for i, task in enumerate(classifiers + runs):
-            label = f"task {i - len(classifiers)}" if task.kind == "run" else "classifiers"
+        prepare = classifiers + [reference_task(study, again(args))]
+        for i, task in enumerate(prepare + runs):
+            label = f"task {i - len(prepare)}" if task.kind == "run" else "classifiers"
             kept = task.done_file and os.path.isfile(task.done_file)
             print(f"# {label} {task.name}" + (" (kept)" if kept else ""))
             for cmd in task.commands:
@@ -331,6 +364,8 @@ def main(args: argparse.Namespace) -> None:
     runner = Runner(os.path.join(study["out"], "logs"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, runner.forward)
+    if args.task == "reference":
+        return print(f"reference statistics -> {make_reference(study)}", flush=True)
     task = os.environ.get("SLURM_ARRAY_TASK_ID") if args.task == "array" else args.task
     if task is None and args.task == "array":
         raise UserError("--task array reads SLURM_ARRAY_TASK_ID, which is not set (give the task number instead)")
@@ -342,6 +377,8 @@ def main(args: argparse.Namespace) -> None:
         outcomes = {}
         if task in (None, "classifiers"):
             outcomes |= run_parallel(runner, classifiers, slots(args.jobs, 1))
+            if all(o in ("done", "kept") for o in outcomes.values()):
+                outcomes["reference"] = runner.run(reference_task(study, again(args)))
         if task is None and all(o in ("done", "kept") for o in outcomes.values()):
             outcomes |= run_parallel(runner, runs, slots(args.jobs, gpus))
         if task == "report":  # the dependent task: score what a stopped or failed task left unscored
@@ -366,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a key of the study file, e.g. --set epochs=200 --set evaluation.images=5000")
     p.add_argument("--arms", type=lambda s: s.split(","), default=None, help="run only these arms (a comma list)")
-    p.add_argument("--task", default=None, help="run one task: classifiers, a run's number (see --dry-run), array "
-                   "(the number in SLURM_ARRAY_TASK_ID) or report (score what is left, then the report); default: all")
+    p.add_argument("--task", default=None, help="run one task: classifiers (and then the reference statistics), "
+                   "reference, a run's number (see --dry-run), array (the number in SLURM_ARRAY_TASK_ID) or report "
+                   "(score what is left, then the report); default: all")
     p.add_argument("--jobs", type=int, default=0, help="tasks side by side here (0: one per --gpus_per_task GPUs, "
                    "one on a CPU)")
     p.add_argument("--gpus_per_task", type=int, default=None, help="GPUs of each run (default: the study's "

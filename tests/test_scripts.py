@@ -9,11 +9,12 @@ import pytest
 from conftest import ROOT
 
 import sample
+import study
 import train
 import train_classifier
 
 PARSERS = {"train.py": train.build_parser, "sample.py": sample.build_parser,
-           "train_classifier.py": train_classifier.build_parser}
+           "train_classifier.py": train_classifier.build_parser, "study.py": study.build_parser}
 
 
 def dry_run(script: str, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
@@ -29,12 +30,15 @@ def test_dataset_scripts_dry_run_print_a_study_whose_commands_parse(script, data
     r, commands = dry_run(script, env={"COMPAT": compat})
     assert r.returncode == 0, r.stderr
     scripts = [next(w for w in cmd if w.endswith(".py")) for cmd in commands]
-    # 2 prototype classifiers and the evaluation classifier, then per (arm, seeds): train, then score every epoch
-    assert scripts == ["train_classifier.py"] * 3 + ["train.py", "sample.py"] * 30
+    # 2 prototype classifiers, the evaluation classifier and the reference statistics, then per (arm, seeds): train,
+    # then score every saved epoch
+    assert scripts == ["train_classifier.py"] * 3 + ["study.py"] + ["train.py", "sample.py"] * 30
     out = f"results/{script[:-3]}" + (f"-compat_{compat}" if compat != "none" else "")  # one folder per --compat
     arms = []
     for cmd, name in zip(commands, scripts):
         args = PARSERS[name]().parse_args(cmd[cmd.index(name) + 1:])
+        if name == "study.py":
+            assert args.task == "reference" and (args.set == [f'compat="{compat}"'] if compat != "none" else not args.set)
         if name == "train_classifier.py":
             assert args.dataset == dataset and args.global_batch == 128 and args.out.startswith(out + "/")
         if name == "sample.py":
@@ -134,7 +138,8 @@ def test_the_slurm_script_launches_every_command_on_all_nodes_at_the_papers_glob
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), "scripts/cifar10.sh", "--dry-run"],
                        capture_output=True, text=True, env=dict(env, SLURM_CPUS_PER_TASK="16"), cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ") and
+                "study.py" not in line]  # the reference statistics: one process
     assert len(commands) == 63  # 3 classifiers, 30 x (train, score)
     for cmd in commands:
         assert cmd[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]

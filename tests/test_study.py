@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 
 from conftest import ROOT, run_env, run_program
+from test_sample import write_classifier
 
 import sample
 import study
@@ -144,6 +145,9 @@ def test_overrides_compat_and_one_line_errors(tmp_path):
 def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
     path = write_study(tmp_path, epochs=3, **{"train_seeds = [0, 1]": "train_seeds = [0]",
                                               "classifier_seeds = [0, 1]": "classifier_seeds = [0]"})
+    (tmp_path / "out" / "classifiers").mkdir(parents=True)  # finished classifiers are kept (seconds saved)
+    write_classifier(tmp_path / "out" / "classifiers" / "eval_classifier-c7.pt")
+    write_classifier(tmp_path / "out" / "classifiers" / "prototypes-c0.pt")
     cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular,regular_padding_idx"]
     proc = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "out" / "logs" / "regular-s0.log"
@@ -154,6 +158,9 @@ def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped by SIGTERM; the same command continues" in err, err
     assert "stopped by SIGTERM" in log.read_text()
+    # the reference statistics were made once, after the classifiers and before any run: no scoring starts them
+    reference = (tmp_path / "out" / "logs" / "reference.log").read_text().split("reference statistics -> ")[1]
+    assert os.path.isfile(os.path.join(ROOT, reference.strip()))
     assert not os.path.exists(tmp_path / "out" / "runs" / "regular_padding_idx-s0")  # no task started after it
     r = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -163,9 +170,6 @@ def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
         assert sorted(r["epoch"] for r in records if r.get("event") == "fid") == [1, 2, 3]
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["3"]["n"] == 1
-    again = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "regular-s0: done" in again.stdout and "already scored" in \
-        log.read_text().split("+ ")[-1]
 
 
 def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path):
@@ -189,3 +193,15 @@ def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path)
     assert proc.returncode == 0 and "job 42_3 stops with a checkpoint and is requeued" in err, err
     assert calls.read_text().splitlines() == ["TERM", "scontrol requeue 42_3"]  # the task, not the array (42)
     assert (tmp_path / "args").read_text().split() == ["study.py", "s.toml", "--task", "array"]
+
+
+def test_each_slot_gets_gpus_of_its_own_among_the_visible_ones(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # what CUDA_VISIBLE_DEVICES=2,3,5,7 leaves visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    assert study.slots(0, 2) == [{"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "5,7"}]
+    assert study.slots(3, 1) == [{"CUDA_VISIBLE_DEVICES": v} for v in ("2", "3", "5")]
+    with pytest.raises(study.UserError, match="needs 6 GPUs; 4 are visible"):
+        study.slots(3, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert study.slots(2, 1) == [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}] * 2
