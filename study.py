@@ -7,7 +7,7 @@ evaluation, and a report of paired differences with 95% intervals and the endpoi
     python study.py studies/digits_study3.toml                   # here: classifiers, runs side by side, report
     python study.py studies/cifar10.toml --submit True           # SLURM: classifiers, an array, the report after it
     python study.py studies/cifar10.toml --task 3                # one task (what an array task runs)
-    python study.py studies/cifar10.toml --task report           # the report of what is scored so far
+    python study.py studies/cifar10.toml --task report           # the report of what is scored so far (any time)
 
 Every task is start-or-continue (a finished classifier is kept, a run continues from its newest checkpoint, an
 epoch already scored with the same settings is skipped), so the same command, or a requeue, goes on where it
@@ -311,7 +311,7 @@ def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
                       f"--array=0-{n_runs - 1}" + (f"%{slurm['max_parallel']}" if "max_parallel" in slurm else ""),
                       *gres], ["--task", "array"]),
             ("report", [f"--job-name={name}-report", f"--output={logs}/%x-%j.out",
-                        f"--time={slurm.get('report_time', '04:00:00')}", *gres], ["--task", "report"])]
+                        f"--time={slurm.get('report_time', '04:00:00')}", *gres], ["--task", "finish"])]
     if not args.dry_run:
         os.makedirs(logs, exist_ok=True)  # SLURM does not create the folder of --output
     previous = None
@@ -330,8 +330,8 @@ def submit(args: argparse.Namespace, study: dict, n_runs: int) -> None:
 
 
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
-    "task": Rule(lambda v: v is None or v in ("classifiers", "reference", "array", "report") or str(v).isdigit(),
-                 "classifiers, reference, array, report or a task number", "bogus"),
+    "task": Rule(lambda v: v is None or v in ("classifiers", "reference", "array", "finish", "report") or
+                 str(v).isdigit(), "classifiers, reference, array, finish, report or a task number", "bogus"),
     "jobs": at_least(0), "gpus_per_task": Rule(lambda v: v is None or v >= 1, "at least 1", "0"),
     **{flag: ANY for flag in ("study", "set", "arms", "dry_run", "submit", "sbatch")},
 }
@@ -369,7 +369,7 @@ def main(args: argparse.Namespace) -> None:
     task = os.environ.get("SLURM_ARRAY_TASK_ID") if args.task == "array" else args.task
     if task is None and args.task == "array":
         raise UserError("--task array reads SLURM_ARRAY_TASK_ID, which is not set (give the task number instead)")
-    if task not in (None, "classifiers", "report"):
+    if task not in (None, "classifiers", "finish", "report"):
         if int(task) >= len(runs):
             raise UserError(f"--task {task}: the study has tasks 0-{len(runs) - 1}")
         outcomes = {runs[int(task)].name: runner.run(runs[int(task)])}
@@ -381,14 +381,14 @@ def main(args: argparse.Namespace) -> None:
                 outcomes["reference"] = runner.run(reference_task(study, again(args)))
         if task is None and all(o in ("done", "kept") for o in outcomes.values()):
             outcomes |= run_parallel(runner, runs, slots(args.jobs, gpus))
-        if task == "report":  # the dependent task: score what a stopped or failed task left unscored
+        if task == "finish":  # the dependent task: score what a stopped or failed task left unscored
             outcomes |= run_parallel(runner, [Task(t.name, t.commands[1:], "run", gpus=gpus) for t in runs
                                               if os.path.isfile(os.path.join(t.run_dir, "config.json"))],
                                      slots(args.jobs, gpus))
     if runner.stopped:
         print(f"study: stopped by {runner.stopped}; the same command continues", file=sys.stderr, flush=True)
         sys.exit(143 if runner.stopped == "SIGTERM" else 130)
-    if task in (None, "report"):
+    if task in (None, "finish", "report"):
         print(write_report(study, runs), flush=True)
     failed = {n: o for n, o in outcomes.items() if o.startswith("failed")}
     if failed:
@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the study file, e.g. --set epochs=200 --set evaluation.images=5000")
     p.add_argument("--arms", type=lambda s: s.split(","), default=None, help="run only these arms (a comma list)")
     p.add_argument("--task", default=None, help="run one task: classifiers (and then the reference statistics), "
-                   "reference, a run's number (see --dry-run), array (the number in SLURM_ARRAY_TASK_ID) or report "
-                   "(score what is left, then the report); default: all")
+                   "reference, a run's number (see --dry-run), array (the number in SLURM_ARRAY_TASK_ID), finish (score "
+                   "what stopped tasks left, then the report) or report (the report alone, at any time); default: all")
     p.add_argument("--jobs", type=int, default=0, help="tasks side by side here (0: one per --gpus_per_task GPUs, "
                    "one on a CPU)")
     p.add_argument("--gpus_per_task", type=int, default=None, help="GPUs of each run (default: the study's "

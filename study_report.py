@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
@@ -185,23 +186,30 @@ def summary_log_ratio(arm: dict, base: dict) -> dict:
     return s
 
 
+def label(metric: str, study: dict) -> str:
+    """A metric's name in the report: FID in Inception's feature space, proto-FID in a classifier's."""
+    name = "FID" if study["evaluation"].get("features", "inception") == "inception" else "proto-FID"
+    return METRICS[metric][0].replace("FID", name)
+
+
 def markdown(study: dict, result: dict) -> str:
     """The report's tables."""
     arms, bases, ev, ends = result["arms"], result["baselines"], study["evaluation"], study["endpoints"]
+    fid = label("fid", study)
     lines = [f"# Study {study['path']}: {study['dataset']}", "",
              f"Arms: {', '.join(f'`{a}` ({f})' for a, f in study['arms'].items())}.",
              f"Training seeds {study['train_seeds']}, classifier seeds {study.get('classifier_seeds', [0])} "
              f"(evaluation classifier seed {study['eval_classifier']['seed']}); {ev['images']} images per "
              f"evaluation ({ev.get('features', 'inception')} features, w {ev.get('w', 1.8)}, sampling seed "
-             f"{ev.get('seed', 0)}, `{ev.get('sampler', '')}`). Declared endpoints: epochs to FID <= "
-             f"{ends.get('fid_threshold')} (log-epoch interpolation; ratio to each baseline), mean FID over "
+             f"{ev.get('seed', 0)}, `{ev.get('sampler', '')}`). Declared endpoints: epochs to {fid} <= "
+             f"{ends.get('fid_threshold')} (log-epoch interpolation; ratio to each baseline), mean {fid} over "
              f"log-epochs up to epoch {ends.get('early_until')}.",
              "Cells: mean [95% t interval] [95% paired bootstrap interval] seeds ahead/n; curves: mean [95% t band] "
              "(n). Differences are arm minus baseline, paired by training seed.", ""]
     for metric, per_arm in result["curves"].items():
         digits = 1 if "accuracy" in metric else 3
         epochs = sorted({e for c in per_arm.values() for e in c})
-        lines += [f"## {METRICS[metric][0]}: mean over seeds", "", "| epoch | " + " | ".join(arms) + " |",
+        lines += [f"## {label(metric, study)}: mean over seeds", "", "| epoch | " + " | ".join(arms) + " |",
                   "|---" * (len(arms) + 1) + "|"]
         for e in epochs:
             cells = [f"{c[e]['mean']:.{digits}f} [{c[e]['t'][0]:.{digits}f}, {c[e]['t'][1]:.{digits}f}] ({c[e]['n']})"
@@ -209,7 +217,7 @@ def markdown(study: dict, result: dict) -> str:
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
         for base, per in result["paired"][metric].items():
             others = [a for a in arms if a != base]
-            lines += ["", f"### {METRICS[metric][0]}: arm minus `{base}`", "",
+            lines += ["", f"### {label(metric, study)}: arm minus `{base}`", "",
                       "| epoch | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
             for e in epochs:
                 lines.append(f"| {e} | " + " | ".join(fmt(per[a][e], digits) if e in per[a] else "-"
@@ -217,7 +225,7 @@ def markdown(study: dict, result: dict) -> str:
         lines.append("")
     reach = result["endpoints"].get("epochs_to_threshold")
     if reach:
-        lines += [f"## Endpoint 1: epochs to FID <= {reach['threshold']}", "", "| arm | per seed | ratio to " +
+        lines += [f"## Endpoint 1: epochs to {fid} <= {reach['threshold']}", "", "| arm | per seed | ratio to " +
                   " | ratio to ".join(f"`{b}`" for b in bases) + " |", "|---" * (len(bases) + 2) + "|"]
         for a in arms:
             per_seed = ", ".join("never" if v is None else f"{v:.1f}" for _, v in sorted(reach["per_seed"][a].items()))
@@ -226,7 +234,7 @@ def markdown(study: dict, result: dict) -> str:
         lines.append("")
     early = result["endpoints"].get("early_mean_fid")
     if early:
-        lines += [f"## Endpoint 2: mean FID over log-epochs up to epoch {early['until']}", "",
+        lines += [f"## Endpoint 2: mean {fid} over log-epochs up to epoch {early['until']}", "",
                   "| arm | per seed | minus " + " | minus ".join(f"`{b}`" for b in bases) + " |",
                   "|---" * (len(bases) + 2) + "|"]
         for a in arms:
@@ -245,8 +253,10 @@ def ratio_cell(s: dict) -> str:
 
 
 def plot(study: dict, result: dict, path: str) -> None:
-    """FID and class accuracy per arm (mean, 95% t band) above, their paired differences to each baseline below."""
-    metrics = [m for m in ("fid", "accuracy") if m in result["curves"]]
+    """FID, class accuracy and class 0's accuracy per arm (mean, 95% t band) above, their paired differences to each
+    baseline below."""
+    metrics = [m for m in ("fid", "accuracy", "accuracy_class0") if m in result["curves"]]
+    epochs = sorted({e for c in result["curves"]["fid"].values() for e in c})
     bases = result["baselines"]
     fig, axes = plt.subplots(1 + len(bases), len(metrics), figsize=(5.5 * len(metrics), 3.8 * (1 + len(bases))),
                              squeeze=False)
@@ -258,7 +268,7 @@ def plot(study: dict, result: dict, path: str) -> None:
                 axes[0][col].plot(xs, [c[e]["mean"] for e in xs], marker="o", color=color[a], label=a)
                 axes[0][col].fill_between(xs, [c[e]["t"][0] for e in xs], [c[e]["t"][1] for e in xs],
                                           color=color[a], alpha=0.15)
-        axes[0][col].set_ylabel(f"{METRICS[m][0]} (mean, 95% band)")
+        axes[0][col].set_ylabel(f"{label(m, study)} (mean, 95% band)")
         for row, b in enumerate(bases, start=1):
             for a, per in result["paired"][m][b].items():
                 xs = sorted(per)
@@ -267,9 +277,11 @@ def plot(study: dict, result: dict, path: str) -> None:
                     axes[row][col].fill_between(xs, [per[e]["t"][0] for e in xs], [per[e]["t"][1] for e in xs],
                                                 color=color[a], alpha=0.15)
             axes[row][col].axhline(0, color="k", lw=0.5)
-            axes[row][col].set_ylabel(f"{METRICS[m][0]}\nminus {b} (paired, 95% t)", fontsize=9)
+            axes[row][col].set_ylabel(f"{label(m, study)}\nminus {b} (paired, 95% t)", fontsize=9)
     for ax in axes.flat:
         ax.set_xscale("log")
+        ax.set_xticks(epochs, [str(e) for e in epochs], fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -280,7 +292,7 @@ def plot(study: dict, result: dict, path: str) -> None:
 
 
 def write_report(study: dict, runs: list) -> str:
-    """Write OUT/report.md, report.json and report.png from the runs' metrics; returns the markdown."""
+    """Write OUT/report.md, report.json and report.png from the runs' metrics; returns a line naming them."""
     data = collect(runs, study["evaluation"])
     result = analyse(study, data)
     text = markdown(study, result)
@@ -290,4 +302,6 @@ def write_report(study: dict, runs: list) -> str:
     write_atomic(os.path.join(out, "report.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     if result["curves"]:
         plot(study, result, os.path.join(out, "report.png"))
-    return text + f"-> {out}/report.md, report.json" + (", report.png" if result["curves"] else "")
+    scored = sum(bool(read_run(t.run_dir, study["evaluation"])) for t in runs)
+    return (f"report of {scored}/{len(runs)} runs with scores -> {out}/report.md, report.json" +
+            (", report.png" if result["curves"] else ""))

@@ -117,7 +117,7 @@ def test_submit_makes_an_array_between_the_classifiers_and_the_report(tmp_path):
     calls = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
     assert len(calls) == 3 and all(c[0] == "sbatch" and "--partition=gpu" in c for c in calls)
     assert all(c[c.index("scripts/study.sbatch") + 1:][:3] == [path, "--set", "epochs=3"] for c in calls)
-    assert [c[-1] for c in calls] == ["classifiers", "array", "report"]
+    assert [c[-1] for c in calls] == ["classifiers", "array", "finish"]
     assert "--array=0-7" in calls[1] and "--dependency=afterok:JOB_CLASSIFIERS" in calls[1]
     assert "--dependency=afterany:JOB_RUNS" in calls[2]
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing

@@ -72,14 +72,16 @@ def test_the_report_pairs_by_seed_and_keeps_class_0_apart(tmp_path):
             per_class = {"classes": [0, 1, 2], "kid": [fids[0] / 10, 0.1, 0.3], "class_accuracy": [0.1, 0.5, 0.7]}
             write_run(tmp_path / f"{arm}-s{seed}", [(e, f, 0.5, per_class) for e, f in zip((1, 2, 4), fids)])
             runs.append(Task(f"{arm}-s{seed}", [], "run", arm=arm, seed=seed, run_dir=str(tmp_path / f"{arm}-s{seed}")))
-    text = study_report.write_report(study, runs)
+    line = study_report.write_report(study, runs)
+    assert line.startswith("report of 6/6 runs with scores")
+    text = (tmp_path / "out" / "report.md").read_text()
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     # epoch 2, proto minus base per seed: -2, -1, -3: mean -2, sd 1, t interval -2 -/+ 4.302653 / sqrt(3)
     cell = result["paired"]["fid"]["base"]["proto"]["2"]
     assert cell["mean"] == pytest.approx(-2.0) and cell["n"] == 3 and cell["ahead"] == 3
     assert cell["t"] == pytest.approx([-2 - 4.302653 / math.sqrt(3), -2 + 4.302653 / math.sqrt(3)], abs=1e-5)
     assert cell["bootstrap"][0] >= -3 and cell["bootstrap"][1] <= -1  # resampled means of {-1, -2, -3}
-    assert "| 2 | -2.000 [-4.484, +0.484] [" in text
+    assert "| 2 | -2.000 [-4.484, +0.484] [" in text and "## FID: mean over seeds" in text  # Inception: FID
     # epoch 1 had a record of another evaluation (99.0): the base curve's mean stays (8 + 6 + 7) / 3
     assert result["curves"]["fid"]["base"]["1"]["mean"] == pytest.approx(7.0)
     # class 0 apart: its KID is FID / 10 here, the other classes' mean (0.1 + 0.3) / 2 for every run
