@@ -266,7 +266,9 @@ def slots(jobs: int, gpus: int) -> list[dict]:
             raise UserError(f"--jobs {count} x {gpus} GPUs per task needs {count * gpus} GPUs; {visible} are visible")
         return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[j * gpus:(j + 1) * gpus])} for j in range(count)]
     count = jobs or 1
-    threads = max(1, (os.cpu_count() or 1) // count)
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or (  # the job's share of the node, not all its cores
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = max(1, cpus // count)
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(count)]
 
 
@@ -372,7 +374,7 @@ def main(args: argparse.Namespace) -> None:
     if task not in (None, "classifiers", "finish", "report"):
         if int(task) >= len(runs):
             raise UserError(f"--task {task}: the study has tasks 0-{len(runs) - 1}")
-        outcomes = {runs[int(task)].name: runner.run(runs[int(task)])}
+        outcomes = {runs[int(task)].name: runner.run(runs[int(task)], slots(1, gpus)[0])}
     else:
         outcomes = {}
         if task in (None, "classifiers"):

@@ -204,4 +204,7 @@ def test_each_slot_gets_gpus_of_its_own_among_the_visible_ones(monkeypatch):
     with pytest.raises(study.UserError, match="needs 6 GPUs; 4 are visible"):
         study.slots(3, 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert study.slots(2, 1) == [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}] * 2
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert study.slots(2, 1) == [{"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))}] * 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # a SLURM job's share, whatever the node has
+    assert study.slots(2, 1) == [{"OMP_NUM_THREADS": "4"}] * 2
