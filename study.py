@@ -23,7 +23,7 @@ import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, str2bool
 from study_report import write_report
@@ -33,7 +33,7 @@ from study_report import write_report
 # (chmul 1,2,4,4): 452.2 MB full training state, 113.0 MB sampling weights.
 TRAIN_IMG_S, SAMPLE_IMG_S, STATE_MB, WEIGHTS_MB = 1596, 96, 452.2, 113.0
 TRAINING_IMAGES = {"cifar10": 50_000, "stl10": 13_000, "tiny-imagenet": 100_000}  # what train.py trains on
-REQUIRED = ("dataset", "out", "epochs", "interval", "train_seeds", "arms", "evaluation", "endpoints")
+REQUIRED = ("dataset", "out", "epochs", "interval", "train_seeds", "arms", "eval_classifier", "evaluation", "endpoints")
 
 
 @dataclass
@@ -47,8 +47,6 @@ class Task:
     seed: int = 0
     classifier_seed: int | None = None
     run_dir: str = ""
-    gpus: int = 1
-    env: dict = field(default_factory=dict)
 
 
 def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
@@ -86,6 +84,9 @@ def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
         study["arms"] = {a: study["arms"][a] for a in arms}
     if not study["train_seeds"] or study["epochs"] < 1 or study["interval"] < 1:
         raise UserError("a study needs train_seeds, epochs >= 1 and interval >= 1")
+    if study["eval_classifier"]["seed"] in study.get("classifier_seeds", [0]):
+        raise UserError(f"eval_classifier.seed {study['eval_classifier']['seed']} is a prototype classifier's seed: the "
+                        "classifier that scores the arms must not be one that made an arm's table")
     compat = study.get("compat", "none")
     if compat != "none":  # every arm as the original code ran it, in a folder of its own
         study["out"] += f"-compat_{compat}"
@@ -119,11 +120,14 @@ def python(gpus: int) -> list[str]:
 
 
 def classifier_tasks(study: dict) -> list[Task]:
-    """Each prototype classifier once per classifier seed, and the evaluation classifier (its own seed)."""
+    """Each prototype classifier an arm uses, once per classifier seed, and the evaluation classifier (its own
+    seed)."""
     common = ["--dataset", study["dataset"], "--data_root", study.get("data_root", "datasets"),
               "--image_size", str(study.get("image_size", -1)), *shlex.split(study.get("data_flags", ""))]
     tasks = []
     for name, flags in study.get("classifiers", {}).items():
+        if not any("{" + name + "}" in arm for arm in study["arms"].values()):
+            continue
         for c in study.get("classifier_seeds", [0]):
             out = classifier_file(study, name, c)
             tasks.append(Task(f"{name}-c{c}", [python(1) + ["train_classifier.py", *common, *shlex.split(flags),
@@ -165,7 +169,7 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
                     "--fid", "True", "--fid_features", ev.get("features", "inception"),
                     "--eval_classifier", eval_classifier_file(study), "--per_class", str(ev.get("per_class", False)),
                     "--data_root", study.get("data_root", "datasets"), "--png", "False", "--skip_scored", "True"]
-                tasks.append(Task(name, [train, score], "run", None, arm, seed, c, run_dir, gpus))
+                tasks.append(Task(name, [train, score], "run", None, arm, seed, c, run_dir))
     return tasks
 
 
@@ -241,7 +245,7 @@ class Runner:
                     log.write(f"+ {shlex.join(cmd)}\n")
                     log.flush()
                     child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, **(env or {}), **task.env})
+                                             env={**os.environ, **(env or {})})
                 self.children.add(child)
             code = child.wait()
             with self.lock:
@@ -384,7 +388,7 @@ def main(args: argparse.Namespace) -> None:
         if task is None and all(o in ("done", "kept") for o in outcomes.values()):
             outcomes |= run_parallel(runner, runs, slots(args.jobs, gpus))
         if task == "finish":  # the dependent task: score what a stopped or failed task left unscored
-            outcomes |= run_parallel(runner, [Task(t.name, t.commands[1:], "run", gpus=gpus) for t in runs
+            outcomes |= run_parallel(runner, [Task(t.name, t.commands[1:], "run") for t in runs
                                               if os.path.isfile(os.path.join(t.run_dir, "config.json"))],
                                      slots(args.jobs, gpus))
     if runner.stopped:

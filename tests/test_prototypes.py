@@ -214,6 +214,11 @@ def test_train_classifier_writes_a_weights_only_checkpoint(tmp_path):
     before = out.read_bytes()
     r = run_program("train_classifier.py", cmd)
     assert r.returncode == 2 and "already exists" in r.stderr and out.read_bytes() == before
+    # --global_batch fixes the batch whatever the per-device --batchsize says: the same classifier (one process)
+    r = run_program("train_classifier.py", cmd[:-4] + ["--batchsize", "7", "--global_batch", "256", "--out",
+                                                      str(tmp_path / "global.pt")])
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(torch.load(tmp_path / "global.pt", weights_only=True)["prototypes"], ckpt["prototypes"])
 
 
 def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):

@@ -137,39 +137,38 @@ def test_overrides_compat_and_one_line_errors(tmp_path):
                           ([path, "--task", "array"], "SLURM_ARRAY_TASK_ID, which is not set")]:
         r = run_program("study.py", args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    r = run_program("study.py", [path, "--set", "eval_classifier.seed=1"])
+    assert r.returncode == 2 and "eval_classifier.seed 1 is a prototype classifier's seed" in r.stderr
     path = write_study(tmp_path, **{'"regular_padding_idx"]': '"nothing"]'})
     r = run_program("study.py", [path, "--dry_run", "True"])
     assert r.returncode == 2 and "endpoints.baselines names 'nothing'" in r.stderr
 
 
 def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
-    path = write_study(tmp_path, epochs=3, **{"train_seeds = [0, 1]": "train_seeds = [0]",
-                                              "classifier_seeds = [0, 1]": "classifier_seeds = [0]"})
+    path = write_study(tmp_path, epochs=2, **{"train_seeds = [0, 1]": "train_seeds = [0]"})
     (tmp_path / "out" / "classifiers").mkdir(parents=True)  # finished classifiers are kept (seconds saved)
     write_classifier(tmp_path / "out" / "classifiers" / "eval_classifier-c7.pt")
-    write_classifier(tmp_path / "out" / "classifiers" / "prototypes-c0.pt")
-    cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular,regular_padding_idx"]
+    cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular"]
     proc = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "out" / "logs" / "regular-s0.log"
     deadline = time.time() + 300
-    while not (log.exists() and "epoch 2/3" in log.read_text()) and time.time() < deadline:
+    while not (log.exists() and "epoch 2/2" in log.read_text()) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, and study.sbatch at the time limit
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped by SIGTERM; the same command continues" in err, err
-    assert "stopped by SIGTERM" in log.read_text()
+    assert "stopped by SIGTERM" in log.read_text() and "sample.py" not in log.read_text()  # nothing scored yet
     # the reference statistics were made once, after the classifiers and before any run: no scoring starts them
     reference = (tmp_path / "out" / "logs" / "reference.log").read_text().split("reference statistics -> ")[1]
     assert os.path.isfile(os.path.join(ROOT, reference.strip()))
-    assert not os.path.exists(tmp_path / "out" / "runs" / "regular_padding_idx-s0")  # no task started after it
     r = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "resum" in log.read_text().split("stopped by SIGTERM")[1]  # continued, not started again
-    for name in ("regular-s0", "regular_padding_idx-s0"):
-        records = [json.loads(line) for line in open(tmp_path / "out" / "runs" / name / "metrics.jsonl")]
-        assert sorted(r["epoch"] for r in records if r.get("event") == "fid") == [1, 2, 3]
+    assert "resumed" in log.read_text().split("stopped by SIGTERM")[1]  # continued, not started again
+    records = [json.loads(line) for line in open(tmp_path / "out" / "runs" / "regular-s0" / "metrics.jsonl")]
+    assert sorted(r["epoch"] for r in records if r.get("event") == "fid") == [1, 2]
+    assert "report of 1/1 runs with scores" in r.stdout
     result = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["3"]["n"] == 1
+    assert result["curves"]["fid"]["regular"]["2"]["n"] == 1
 
 
 def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path):
