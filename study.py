@@ -25,7 +25,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, str2bool
+from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, str2bool, write_atomic
 from study_report import write_report
 
 # measured rates for the estimate (docs/gpu.md, one H200, 2026-11-26, the paper UNet at 32x32): training
@@ -173,10 +173,18 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
     return tasks
 
 
+def reference_marker(study: dict) -> str:
+    """The file that names the evaluation's reference statistics once they are made (one per feature space)."""
+    ev = study["evaluation"]
+    per_class = "-per_class" if ev.get("per_class", False) else ""
+    return os.path.join(study["out"], "classifiers", f"reference-{ev.get('features', 'inception')}{per_class}.txt")
+
+
 def reference_task(study: dict, argv: list[str]) -> Task:
     """The evaluation's reference statistics, computed once after the classifiers (in their SLURM job, with its own
     time limit), so that no run's scoring starts them over at every requeue."""
-    return Task("reference", [[sys.executable, "study.py", *argv, "--task", "reference"]], "classifier")
+    return Task("reference", [[sys.executable, "study.py", *argv, "--task", "reference"]], "classifier",
+                reference_marker(study))
 
 
 def make_reference(study: dict) -> str:
@@ -198,6 +206,7 @@ def make_reference(study: dict) -> str:
     path = reference_path(cfg, ev.get("features", "inception"), root, clf_file)
     Scoring(ev.get("features", "inception"), path, root, classifier_for(clf_file).to(device), clf_file,
             per_class=ev.get("per_class", False)).reference_stats(cfg, device, 0, 1)
+    write_atomic(reference_marker(study), lambda f: f.write(f"{path}\n".encode()))
     return path
 
 

@@ -22,6 +22,7 @@ import train_classifier
 STUDY = """
 dataset = "digits"
 out = "{out}"
+data_root = "{data}"
 epochs = {epochs}
 interval = 1
 early = []
@@ -52,7 +53,7 @@ early_until = 2
 
 
 def write_study(tmp_path, epochs=2, **replace):
-    text = STUDY.format(out=tmp_path / "out", epochs=epochs)
+    text = STUDY.format(out=tmp_path / "out", data=tmp_path / "data", epochs=epochs)
     for old, new in replace.items():
         text = text.replace(old, new)
     path = tmp_path / "study.toml"
@@ -159,8 +160,9 @@ def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
     assert proc.returncode == 143 and "stopped by SIGTERM; the same command continues" in err, err
     assert "stopped by SIGTERM" in log.read_text() and "sample.py" not in log.read_text()  # nothing scored yet
     # the reference statistics were made once, after the classifiers and before any run: no scoring starts them
-    reference = (tmp_path / "out" / "logs" / "reference.log").read_text().split("reference statistics -> ")[1]
-    assert os.path.isfile(os.path.join(ROOT, reference.strip()))
+    reference = (tmp_path / "out" / "classifiers" / "reference-classifier.txt").read_text().strip()
+    assert reference.startswith(str(tmp_path / "data")) and os.path.isfile(reference)
+    assert reference in (tmp_path / "out" / "logs" / "reference.log").read_text()
     r = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "resumed" in log.read_text().split("stopped by SIGTERM")[1]  # continued, not started again
