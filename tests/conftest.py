@@ -69,14 +69,3 @@ def run_program(script: str, args: list[str], env: dict | None = None) -> subpro
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
-
-
-SLOW_FIRST = ["test_ddp.py", "test_gpu_check.py", "test_reliability.py", "test_sample.py", "test_speed.py",
-              "test_study.py"]
-
-
-def pytest_collection_modifyitems(items):
-    """The longest files first: the two workers (scripts/test.sh) each take whole files, and a long file started
-    last would leave the other worker idle at the end."""
-    first = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(SLOW_FIRST)))  # stable: a file keeps its own order
