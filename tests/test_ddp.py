@@ -234,9 +234,11 @@ for attempt in ("ok", "fail"):
             open(marker, "w").close()
         return os.path.exists(marker)  # what a rank that loaded too early would miss
     try:
-        print(f"{attempt}: rank {d.rank} saw the dataset: {main_rank_first(work, d)}", flush=True)
+        line = f"{attempt}: rank {d.rank} saw the dataset: {main_rank_first(work, d)}"
     except AgreedFailure as e:
-        print(f"{attempt}: rank {d.rank} failed: {e}", flush=True)
+        line = f"{attempt}: rank {d.rank} failed: {e}"
+    sys.stdout.write(line + "\\n")  # one write: the two ranks share torchrun's stdout
+    sys.stdout.flush()
 """
 
 

@@ -146,31 +146,33 @@ def test_overrides_compat_and_one_line_errors(tmp_path):
 
 
 def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
-    path = write_study(tmp_path, epochs=2, **{"train_seeds = [0, 1]": "train_seeds = [0]"})
-    (tmp_path / "out" / "classifiers").mkdir(parents=True)  # finished classifiers are kept (seconds saved)
-    write_classifier(tmp_path / "out" / "classifiers" / "eval_classifier-c7.pt")
-    cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular"]
-    proc = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = write_study(tmp_path, **{"train_seeds = [0, 1]": "train_seeds = [0]"})
+    (tmp_path / "out" / "classifiers").mkdir(parents=True)
+    write_classifier(tmp_path / "out" / "classifiers" / "eval_classifier-c7.pt")  # finished before: kept
+    # train.py and sample.py stand-ins (tests/study_stand_in.py): the study's own stop and continue, in seconds
+    env = dict(run_env(), LAUNCH=f"{sys.executable} {os.path.join(ROOT, 'tests', 'study_stand_in.py')}")
+    cmd = [sys.executable, os.path.join(ROOT, "study.py"), path, "--arms", "regular,regular_padding_idx"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "out" / "logs" / "regular-s0.log"
     deadline = time.time() + 300
-    while not (log.exists() and "epoch 2/2" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.2)
+    while not (log.exists() and "step 3\n" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, and study.sbatch at the time limit
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped by SIGTERM; the same command continues" in err, err
-    assert "stopped by SIGTERM" in log.read_text() and "sample.py" not in log.read_text()  # nothing scored yet
+    assert "stopped by SIGTERM at step" in log.read_text() and "sample.py" not in log.read_text()  # not scored
+    assert not (tmp_path / "out" / "logs" / "regular_padding_idx-s0.log").exists()  # no task starts after a stop
     # the reference statistics were made once, after the classifiers and before any run: no scoring starts them
     reference = (tmp_path / "out" / "classifiers" / "reference-classifier.txt").read_text().strip()
     assert reference.startswith(str(tmp_path / "data")) and os.path.isfile(reference)
-    assert reference in (tmp_path / "out" / "logs" / "reference.log").read_text()
-    r = subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "resumed" in log.read_text().split("stopped by SIGTERM")[1]  # continued, not started again
-    records = [json.loads(line) for line in open(tmp_path / "out" / "runs" / "regular-s0" / "metrics.jsonl")]
-    assert sorted(r["epoch"] for r in records if r.get("event") == "fid") == [1, 2]
-    assert "report of 1/1 runs with scores" in r.stdout
+    stopped_at = int(log.read_text().split("stopped by SIGTERM at step ")[1].split()[0])
+    assert f"resumed at step {stopped_at}" in log.read_text()  # the same command continued the run
+    assert "report of 2/2 runs with scores" in r.stdout
     result = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert result["curves"]["fid"]["regular"]["2"]["n"] == 1
+    assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["2"] | {"t": 0, "bootstrap": 0} == {
+        "n": 1, "mean": 0.0, "ahead": 0, "t": 0, "bootstrap": 0}
 
 
 def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path):
