@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, TINY, run_env
 
 ENTRY_POINTS = ["train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",
-                "study", "study_report", "prototypes", "checkpoints"]
+                "study", "study_report", "study_run", "prototypes", "checkpoints"]
 
 
 @pytest.fixture(scope="module")

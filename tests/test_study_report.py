@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import study_report
-from study import Task
+from study_run import Task
 
 
 def test_the_t_interval_is_the_textbook_one():
