@@ -6,6 +6,7 @@ diffusion model trains on (stl10: labelled train + test merged as in the origina
 """
 import functools
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,22 +15,26 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torchvision.transforms.functional import resize
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.transforms.functional import center_crop, resize
+
+from cli import UserError
 
 DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "stl10": 10, "tiny-imagenet": 200, "digits": 10}
 
 
-class DatasetError(Exception):
-    """The data is missing, unreadable or cannot be downloaded; the message says where it should be."""
+class DatasetError(UserError):
+    """The data is missing, unreadable, too small or cannot be downloaded; the message names the folder or file."""
 
 
 @dataclass
 class ImageData:
-    """images [N, C, H, W] uint8, labels [N] int64, and the class names in label order."""
+    """images [N, C, H, W] uint8, labels [N] int64, the class names in label order, and where they came from."""
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    source: str = ""  # the dataset's name, or an image folder's absolute path
 
     @property
     def channels(self) -> int:
@@ -105,6 +110,18 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resize(images, [size, size], antialias=True)
 
 
+def fit_square(image: torch.Tensor, size: int, crop: bool = True) -> torch.Tensor:
+    """One uint8 image [C, H, W] made size x size: its short side resized to `size` and the centre cropped, as ADM,
+    DiT and EDM prepare ImageNet, or with crop False squashed whole (size <= 0: the short side, or with crop False
+    the width). A square image comes out of both the same."""
+    if not crop:
+        return resize_uint8(image[None], size if size > 0 else image.shape[-1])[0]
+    size = size if size > 0 else min(image.shape[-2:])
+    if min(image.shape[-2:]) != size:
+        image = resize(image, size, antialias=True)
+    return center_crop(image, [size, size])
+
+
 def save_png(image_u8: torch.Tensor, path: str) -> None:
     """Write one uint8 image [C, H, W] (C = 1 or 3) losslessly as PNG."""
     array = image_u8.cpu().permute(1, 2, 0).numpy()
@@ -139,7 +156,7 @@ def held_out_split(data: ImageData, split: str, every: int) -> ImageData:
         rank_in_class[members] = torch.arange(len(members))
     held_out = rank_in_class % every == 0
     keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
-    return ImageData(data.images[keep], data.labels[keep], data.classes)
+    return ImageData(data.images[keep], data.labels[keep], data.classes, data.source)
 
 
 def folder_cache(folder: str) -> str:
@@ -147,6 +164,96 @@ def folder_cache(folder: str) -> str:
     the folder, whose sub-folders are its classes. $PROTODIFFUSION_CACHE, else ~/.cache/protodiffusion."""
     root = os.environ.get("PROTODIFFUSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "protodiffusion")
     return os.path.join(root, "imagefolder_" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12])
+
+
+def folder_contents(folder: str) -> tuple[list[str], list[tuple[str, int]], list[list]]:
+    """(classes, (path, label) per image, [relative path, bytes, mtime in ns] per image) of a folder of class folders,
+    as torchvision's ImageFolder reads it; refuses a folder with no class, one class, or a class with no images."""
+    where = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise DatasetError(f"image folder {where} does not exist; it must hold one sub-folder of images per class")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise DatasetError(f"image folder {where} holds no class folders; put each class's images in a sub-folder "
+                           f"of its own ({where}/CLASS/IMAGE)")
+    samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    if (counts == 0).any():
+        empty = ", ".join(c for c, n in zip(classes, counts) if n == 0)
+        raise DatasetError(f"class folder(s) {empty} of {where} hold no images (readable extensions: "
+                           f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+    if len(classes) == 1:
+        raise DatasetError(f"image folder {where} holds one class folder ({classes[0]}); class-conditional training "
+                           "needs at least two")
+    listing = []
+    for path, _ in samples:
+        stat = os.stat(path)
+        listing.append([os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns])
+    return classes, samples, listing
+
+
+def folder_key(folder: str) -> str:
+    """A digest of what an image folder holds (every image's path, size and modification time)."""
+    return hashlib.sha1(json.dumps(folder_contents(folder)[2]).encode()).hexdigest()[:12]
+
+
+def _changes(old: list[list] | None, new: list[list]) -> str:
+    """What differs between two folder listings, in words."""
+    if old is None:
+        return "the cache does not record what the folder held"
+    before, after = {row[0]: row[1:] for row in old}, {row[0]: row[1:] for row in new}
+    added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+    changed = sum(before[p] != after[p] for p in after.keys() & before.keys())
+    return f"{added} image(s) added, {removed} removed, {changed} changed"
+
+
+def _decode(path: str) -> torch.Tensor:
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def _decode_all(paths: list[str], size: int, crop: bool, workers: int, where: str) -> list[torch.Tensor]:
+    """Every image at size x size; one line naming the first file that cannot be read, and how many cannot."""
+    def load(path: str) -> torch.Tensor | str:
+        try:
+            return fit_square(_decode(path), size, crop)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, too large
+            return f"{os.path.abspath(path)} ({e})"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(pool.map(load, paths))
+    bad = [i for i in images if isinstance(i, str)]
+    if bad:
+        raise DatasetError(f"{len(bad)} of the {len(images)} images in {where} cannot be read, the first: {bad[0]}; "
+                           "repair or remove them")
+    if len({tuple(i.shape) for i in images}) > 1:
+        raise DatasetError(f"images in {where} differ in size; pass --image_size to resize them")
+    return images
+
+
+def _image_folder(folder: str, size: int, workers: int, cache_dir: str, crop: bool = True) -> ImageData:
+    """Decode a folder of class folders once (each image fit_square) and cache the uint8 tensor on disk, with the
+    folder's listing: an image or class added, removed or changed since then decodes the folder again."""
+    where = os.path.abspath(folder)
+    classes, samples, listing = folder_contents(folder)
+    key = hashlib.sha1(f"{where}:{size}:{'crop' if crop else 'squash'}".encode()).hexdigest()[:12]
+    cache = os.path.join(cache_dir, f"imagefolder_{key}.pt")
+    if os.path.exists(cache):
+        blob = torch.load(cache, weights_only=True)
+        if blob.get("listing") == listing and blob["classes"] == classes:
+            return ImageData(blob["images"], blob["labels"], blob["classes"], where)
+        print(f"{where} changed since {cache} was made ({_changes(blob.get('listing'), listing)}); decoding it "
+              "again", flush=True)
+    images = _decode_all([p for p, _ in samples], size, crop, workers, where)
+    data = ImageData(torch.stack(images), torch.tensor([label for _, label in samples]), classes, where)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        torch.save({"images": data.images, "labels": data.labels, "classes": data.classes, "listing": listing}, tmp)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache folder only costs decoding again next time
+    return data
 
 
 def _synthetic(size: int) -> ImageData:
@@ -180,44 +287,6 @@ def _stl10(root: str, split: str, download: bool) -> ImageData:
                      torch.from_numpy(np.concatenate([s.labels for s in sets])).long(), sets[0].classes)
 
 
-def _decode(path: str) -> torch.Tensor:
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def _image_folder(folder: str, size: int, workers: int, cache_dir: str) -> ImageData:
-    """Decode a folder of class folders once (resized to `size`) and cache the uint8 tensor on disk."""
-    if not os.path.isdir(folder):
-        raise DatasetError(f"image folder {os.path.abspath(folder)} does not exist; it must hold one sub-folder "
-                           "of images per class")
-    key = hashlib.sha1(f"{os.path.abspath(folder)}:{size}".encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir, f"imagefolder_{key}.pt")
-    if os.path.exists(cache):
-        blob = torch.load(cache, weights_only=True)
-        return ImageData(blob["images"], blob["labels"], blob["classes"])
-    ds = torchvision.datasets.ImageFolder(folder)
-    if len(ds) == 0:
-        raise DatasetError(f"no images found in {os.path.abspath(folder)}")
-
-    def load(path: str) -> torch.Tensor:
-        img = _decode(path)
-        return resize_uint8(img[None], size if size > 0 else img.shape[-1])[0]
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(pool.map(load, [p for p, _ in ds.samples]))
-    if len({tuple(i.shape) for i in images}) > 1:
-        raise DatasetError(f"images in {folder} differ in size; pass --image_size to resize them")
-    data = ImageData(torch.stack(images), torch.tensor(ds.targets), ds.classes)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, tmp)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only data folder only costs decoding again next time
-    return data
-
-
 def _tiny_folders(path: str) -> tuple[str, str]:
     """(train folder, dataset root) from --tiny_imagenet_path: the root holding train/ (and val/), or, as the
     original code took it, the train folder of class folders itself (its parent then holds val/)."""
@@ -231,22 +300,23 @@ def _tiny_folders(path: str) -> tuple[str, str]:
                        "and unzip it there (or pass --tiny_imagenet_path)")
 
 
-def _tiny_val(train_dir: str, folder: str, size: int, workers: int) -> ImageData:
+def _tiny_val(train_dir: str, folder: str, size: int, workers: int, crop: bool) -> ImageData:
     """Tiny ImageNet's val/ split: images/ plus val_annotations.txt (file, wnid, box)."""
-    train = torchvision.datasets.ImageFolder(train_dir)
+    classes = folder_contents(train_dir)[0]
     ann = os.path.join(folder, "val", "val_annotations.txt")
     if not os.path.exists(ann):
         raise DatasetError(f"{ann} not found; tiny-imagenet's test split is val/ with its val_annotations.txt")
     rows = [line.split("\t")[:2] for line in open(ann) if line.strip()]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(pool.map(lambda r: resize_uint8(_decode(os.path.join(folder, "val", "images", r[0]))[None],
-                                                      size)[0], rows))
-    return ImageData(torch.stack(images), torch.tensor([train.class_to_idx[w] for _, w in rows]), train.classes)
+    images = _decode_all([os.path.join(folder, "val", "images", r[0]) for r in rows], size, crop, workers, ann)
+    labels = torch.tensor([classes.index(w) for _, w in rows])
+    return ImageData(torch.stack(images), labels, classes, os.path.abspath(folder))
 
 
 def load_dataset(name: str, split: str = "all", data_root: str = "datasets", image_size: int = -1,
-                 download: bool = True, tiny_imagenet_path: str | None = None, workers: int = 4) -> ImageData:
-    """Load a dataset split as one uint8 tensor, resized to image_size (-1 keeps the native size)."""
+                 download: bool = True, tiny_imagenet_path: str | None = None, workers: int = 4,
+                 crop: bool = True) -> ImageData:
+    """Load a dataset split as one uint8 tensor, resized to image_size (-1 keeps the native size); image folders'
+    images are fit_square (crop False: squashed)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     if split not in ("train", "test", "all"):
@@ -263,11 +333,13 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
     elif name == "tiny-imagenet":
         train_dir, folder = _tiny_folders(tiny_imagenet_path or os.path.join(data_root, "tiny-imagenet-200"))
         if split == "test":
-            return _tiny_val(train_dir, folder, image_size, workers)
-        data = _image_folder(train_dir, image_size, workers, cache_dir)
+            return _tiny_val(train_dir, folder, image_size, workers, crop)
+        data = _image_folder(train_dir, image_size, workers, cache_dir, crop)
     else:  # a tenth of each class held out, for train_classifier.py's test split
-        data = held_out_split(_image_folder(data_root, image_size, workers, folder_cache(data_root)), split, every=10)
+        data = held_out_split(_image_folder(data_root, image_size, workers, folder_cache(data_root), crop), split,
+                              every=10)
     data.images = resize_uint8(data.images, image_size)
+    data.source = data.source or name
     return data
 
 
@@ -280,12 +352,15 @@ class ShardedBatches:
     rank accumulating two micro-batches sees exactly the images two ranks with one each would.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, accumulate: int = 1):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, accumulate: int = 1,
+                 source: str = "the dataset"):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
         self.accumulate = accumulate
         if len(self) == 0:
-            raise DatasetError(f"{n} images are fewer than one global batch ({batch_size} per device x {world} "
-                               f"devices x {accumulate} micro-batches); lower --batchsize or --global_batch")
+            fits = f"--batchsize {n // world} (with --global_batch 0)" if n >= world else "fewer processes"
+            raise DatasetError(f"the {n} training images of {source} are fewer than one global batch of "
+                               f"{batch_size * world * accumulate} ({batch_size} per device x {world} device(s) x "
+                               f"{accumulate} micro-batch(es)); the largest that fits: {fits}")
 
     def __len__(self) -> int:
         return self.n // (self.batch_size * self.world * self.accumulate)

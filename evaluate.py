@@ -22,8 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cli import UserError
-from datasets import (DatasetError, Pixels, class_grid_labels, folder_cache, load_dataset, save_grid, save_png,
-                      to_float)
+from datasets import (DatasetError, Pixels, class_grid_labels, folder_cache, folder_key, load_dataset, save_grid,
+                      save_png, to_float)
 from diffusion import GaussianDiffusion, ddim_timesteps
 from distributed import AgreedFailure, Dist, broadcast_object, run_agreed
 from fid import (GEN_PER_CLASS, NARROW, ClassFeatures, FeatureStats, dataset_stats, feature_width, frechet_distance,
@@ -188,11 +188,16 @@ class Scoring:
 
             def read_training_set():
                 try:
-                    return load_dataset(cfg["dataset"], "all", self.data_root, cfg["image_size"], False,
-                                        cfg.get("tiny_imagenet_path"))
+                    data = load_dataset(cfg["dataset"], "all", self.data_root, cfg["image_size"], False,
+                                        cfg.get("tiny_imagenet_path"), crop=cfg.get("crop", False))
                 except DatasetError as e:
                     raise UserError(f"reference statistics {self.reference} are missing and the training set "
                                     f"cannot be read: {e}") from None
+                if data.classes != cfg.get("classes", data.classes):
+                    raise UserError(f"reference statistics {self.reference} are missing and {data.source} no longer "
+                                    f"holds the run's classes ({len(cfg['classes'])} when it trained, "
+                                    f"{len(data.classes)} now: {', '.join(data.classes[:5])}...)")
+                return data
 
             def from_data(classes: int):
                 data = run_agreed(read_training_set, group)
@@ -238,8 +243,12 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
     tag = features
     if features == "classifier":
         tag += "-" + hashlib.sha1(open(path_proto, "rb").read()).hexdigest()[:10]
-    folder = folder_cache(data_root) if cfg["dataset"] == "imagefolder" else data_root  # nothing inside class folders
-    return os.path.join(folder, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
+    if cfg["dataset"] != "imagefolder":
+        return os.path.join(data_root, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
+    # outside the class folders, named by what the folder holds now, so a changed folder gets statistics of its own
+    resize = "crop" if cfg.get("crop", False) else "squash"
+    return os.path.join(folder_cache(data_root), "fid_stats",
+                        f"imagefolder_{cfg['image_size']}_{resize}_{folder_key(data_root)}_{tag}.npz")
 
 
 def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, labels: torch.Tensor,

@@ -1,5 +1,6 @@
-"""Rank 0's run log (stdout, log.txt, metrics.jsonl) and what the training loop watches without a per-step sync: the
-mean loss, every loss being finite, and the guards that end training early (a signal, --max_steps, a NaN)."""
+"""Rank 0's run log (stdout, log.txt, metrics.jsonl, and with --tensorboard the same numbers as TensorBoard events) and
+what the training loop watches without a per-step sync: the mean loss, every loss being finite, and the guards that end
+training early (a signal, --max_steps, a NaN)."""
 import json
 import os
 import time
@@ -12,12 +13,62 @@ from cli import UserError, append_line
 from distributed import Dist, StopSignal
 
 
-class RunLog:
-    """Rank 0's log: lines to stdout and log.txt, records to metrics.jsonl; other ranks stay silent."""
+def summary_writer_class() -> type:
+    """torch.utils.tensorboard's SummaryWriter; one clear line when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard True needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
 
-    def __init__(self, run_dir: str | None, active: bool):
+
+def scalars(record: dict) -> tuple[dict[str, float], int]:
+    """The numbers of a metrics.jsonl record as TensorBoard tags, and the step they belong to (the global step, or
+    the epoch where a record has none, as in runs of the original code)."""
+    event, step = record.get("event"), record.get("step")
+    if event in ("train", "epoch"):
+        tags = {f"{event}/{k}": record[k] for k in ("loss", "lr", "img_per_s") if record.get(k) is not None}
+    elif event == "fid":
+        tags = {f"{record['metric']}/w{record['w']}": record["value"]}
+        if isinstance(record.get("class_accuracy"), float):
+            tags[f"class_accuracy/w{record['w']}"] = record["class_accuracy"]
+    else:
+        tags = {}
+    return tags, step if step is not None else record.get("epoch", 0)
+
+
+class Board:
+    """RUN/tensorboard: metrics.jsonl's numbers and the sample grids as TensorBoard events (metrics.jsonl stays the
+    record); each process that writes has an event file of its own there, flushed at every record."""
+
+    def __init__(self, run_dir: str):
+        self.writer = summary_writer_class()(os.path.join(run_dir, "tensorboard"))
+
+    def record(self, fields: dict) -> None:
+        tags, step = scalars(fields)
+        for tag, value in tags.items():
+            self.writer.add_scalar(tag, value, step)
+        if tags:
+            self.writer.flush()
+
+    def grid(self, path: str, step: int) -> None:
+        """A sample grid PNG, under `samples`."""
+        from datasets import read_png
+        self.writer.add_image("samples", read_png(path), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RunLog:
+    """Rank 0's log: lines to stdout and log.txt, records to metrics.jsonl (and TensorBoard); other ranks stay
+    silent."""
+
+    def __init__(self, run_dir: str | None, active: bool, tensorboard: bool = False):
         self.run_dir = run_dir
         self.active = active
+        self.board = Board(run_dir) if tensorboard and active and run_dir else None
 
     def line(self, msg: str) -> None:
         if not self.active:
@@ -29,6 +80,17 @@ class RunLog:
     def record(self, **fields: Any) -> None:
         if self.active and self.run_dir:
             append_line(os.path.join(self.run_dir, "metrics.jsonl"), json.dumps(fields) + "\n")
+        if self.board is not None:
+            self.board.record(fields)
+
+    def grid(self, path: str, step: int) -> None:
+        """A sample grid written at `path`, to TensorBoard."""
+        if self.board is not None:
+            self.board.grid(path, step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 class LossMeter:

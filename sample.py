@@ -28,7 +28,7 @@ from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, DEVICE, 
                  append_line, at_least, bool_or_classes, check_flags, float_list, int_list, one_of, run_cli, str2bool,
                  unset_or)
 from distributed import setup_distributed, teardown_distributed
-from runlog import RunLog
+from runlog import Board, RunLog, summary_writer_class
 from speed import resolve_fast_path
 
 
@@ -65,7 +65,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank", "skip_scored")},
+                              "data_root", "out", "local_rank", "skip_scored", "tensorboard")},
     "per_class": CLASSES_OR_BOOL,
 }
 
@@ -112,6 +112,8 @@ def main(args: argparse.Namespace) -> None:
                         "checkpoint)")
     if not args.path:
         raise UserError("--path (a run dir) is required")
+    if args.tensorboard:
+        summary_writer_class()  # the package is there, or one line before anything is sampled
     epochs = resolve_epochs(args.path, args.epoch)
     net, cemblayer, cfg, _ = load_run(args.path, epochs[0], args.weights)  # the architecture; weights per epoch
     spec = args.compat or cfg.get("compat", "none")
@@ -174,6 +176,9 @@ def main(args: argparse.Namespace) -> None:
     grid_indices = [i for row in rows for i in row] if all(len(r) == per_class for r in rows) else []
     scoring = Scoring(args.fid_features, ref, data_root, classifier, clf_path, args.inception_weights,
                       args.per_class) if args.fid else None
+    if scoring is not None:  # the reference first: a training set that cannot be read stops before any sampling
+        scoring.reference_stats(cfg, d.device, d.rank, d.world, d.control)
+    board = Board(args.path) if args.tensorboard and args.fid and d.is_main else None
     position = None
     for epoch, w in runs:
         sampler = dataclasses.replace(sampler, w=w)  # the prepared network and noise serve every w
@@ -196,14 +201,17 @@ def main(args: argparse.Namespace) -> None:
             kept = {i: img for share in shares for i, img in share.items()}
         if d.is_main:
             write_outputs(args, result, kept, grid_indices, per_class, base[epoch, w], write_png, position, sampler,
-                          diffusion.T, scoring, outcomes, spec)
+                          diffusion.T, scoring, outcomes, spec, board)
+    if board is not None:
+        board.close()
     teardown_distributed()
 
 
 def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indices: list[int], per_class: int,
                   base: str, write_png: bool, position: dict, sampler: Sampler, T: int, scoring: Scoring | None,
-                  outcomes: list[dict], compat: str) -> None:
-    """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl."""
+                  outcomes: list[dict], compat: str, board: Board | None) -> None:
+    """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl (and with
+    --tensorboard in the run's TensorBoard events)."""
     epoch = position["epoch"]
     grid_path = base.rstrip("/") + "_grid.png"
     if grid_indices:
@@ -221,6 +229,8 @@ def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indic
           f"weights, reference {scoring.reference})", flush=True)
     for path in (os.path.join(args.path, f"fid_{epoch}.txt"), os.path.join(args.path, "metrics.jsonl")):
         append_line(path, json.dumps(record) + "\n")
+    if board is not None:
+        board.record(record)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_scored", type=str2bool, default=False, help="with --fid, skip the (epoch, w) pairs that "
                    "PATH/metrics.jsonl already has a record of with every setting of this command (a rerun after a "
                    "preemption)")
+    p.add_argument("--tensorboard", type=str2bool, default=False, help="with --fid, also write each record's numbers "
+                   "to the run's TensorBoard events (PATH/tensorboard; needs the tensorboard package)")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
     p.add_argument("--amp", default="auto", help="autocast dtype of the sampler: bf16, fp16 or none (auto: bf16 on "
                    "CUDA, none on CPU); features for FID are always computed in fp32")

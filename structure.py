@@ -17,7 +17,7 @@ import torch
 from scipy.stats import spearmanr
 
 from checkpoints import latest_checkpoint, load_file
-from datasets import DATASETS, DatasetError, load_dataset
+from datasets import DATASETS, load_dataset
 from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, check_flags, one_of, run_cli, str2bool, unset_or
 from distributed import setup_distributed
 
@@ -87,11 +87,8 @@ def reference_of(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
                         "them with its classifier")
     model = classifier_in(obj, args.classifier)
     device = setup_distributed(args.device).device  # one process: this only picks and checks the device
-    try:
-        train, test = (load_dataset(args.dataset, split, args.data_root, args.image_size, args.download,
-                                    args.tiny_imagenet_path) for split in ("train", "test"))
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    train, test = (load_dataset(args.dataset, split, args.data_root, args.image_size, args.download,
+                                args.tiny_imagenet_path) for split in ("train", "test"))
     model.to(device)
     confusion = class_statistics(model, test.images.to(device), test.labels.to(device))[1]
     means = class_statistics(model, train.images.to(device), train.labels.to(device))[0]

@@ -174,17 +174,15 @@ def reference_task(study: dict, argv: list[str]) -> Task:
 def make_reference(study: dict) -> str:
     """Compute and cache the reference statistics sample.py will read (evaluate.reference_path names the file)."""
     import torch
-    from datasets import DatasetError, load_dataset
+    from datasets import load_dataset
     from evaluate import Scoring, classifier_for, reference_path
     ev, root = study["evaluation"], study.get("data_root", "datasets")
     tiny = shlex.split(study.get("data_flags", ""))
     tiny = tiny[tiny.index("--tiny_imagenet_path") + 1] if "--tiny_imagenet_path" in tiny else None
-    try:
-        data = load_dataset(study["dataset"], "all", root, study.get("image_size", -1), False, tiny)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    crop = "--crop False" not in " ".join(shlex.split(study.get("data_flags", "")))
+    data = load_dataset(study["dataset"], "all", root, study.get("image_size", -1), False, tiny, crop=crop)
     cfg = {"dataset": study["dataset"], "image_size": data.size, "num_classes": len(data.classes),
-           "tiny_imagenet_path": tiny}
+           "classes": data.classes, "tiny_imagenet_path": tiny, "crop": crop}
     clf_file = eval_classifier_file(study)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = reference_path(cfg, ev.get("features", "inception"), root, clf_file)

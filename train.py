@@ -21,14 +21,14 @@ from checkpoints import (TrainState, build_models, make_run_dir, read_resume, re
                          save_checkpoint)
 from cli import UserError, check_flags, run_cli
 from compat import Compat
-from datasets import DatasetError, ImageData, ShardedBatches, StagedBatches, load_dataset
+from datasets import ImageData, ShardedBatches, StagedBatches, load_dataset
 from diffusion import GaussianDiffusion, make_betas
 from distributed import StopSignal, main_rank_first, seed_everything, setup_distributed, teardown_distributed
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
 from evaluate import Sampler, evaluate_or_skip, make_evaluator, sample_grid
 from lr_schedule import continued_schedule, make_lr_schedule
-from runlog import Guards, LossMeter, RunLog
+from runlog import Guards, LossMeter, RunLog, summary_writer_class
 from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
 from train_flags import FLAG_RULES, RUNTIME_FLAGS, build_parser  # every flag, its help and its rule
 from train_step import DiffusionLoss, TrainStep, compile_loss, wrap_ddp
@@ -104,15 +104,14 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--num_steps must be between 2 and --T ({args.T}); got {args.num_steps}")
     if args.fid_every and args.fid_features == "classifier" and not (args.eval_classifier or args.path_proto):
         raise UserError("--fid_every with --fid_features classifier needs --eval_classifier (or --path_proto)")
+    if args.tensorboard:
+        summary_writer_class()  # the package is there, or one line before anything is written
 
 
 def read_data(args: argparse.Namespace, world: int) -> tuple[ImageData, dict]:
     """The dataset (decoded once, uint8) and the run config it completes; refuses what does not fit it."""
-    try:
-        data = load_dataset(args.dataset, "all", args.data_root, args.image_size, args.download,
-                            args.tiny_imagenet_path, args.numworkers)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    data = load_dataset(args.dataset, "all", args.data_root, args.image_size, args.download, args.tiny_imagenet_path,
+                        args.numworkers, args.crop)
     try:
         check_unet_config(args.modch, args.chmul, data.size)
     except ValueError as e:
@@ -140,7 +139,7 @@ def read_prototypes(args: argparse.Namespace, cfg: dict, device: torch.device) -
     if args.proto_source == "means":
         def train_split() -> tuple[torch.Tensor, torch.Tensor]:
             split = load_dataset(args.dataset, "train", args.data_root, cfg["image_size"], args.download,
-                                 args.tiny_imagenet_path, args.numworkers)
+                                 args.tiny_imagenet_path, args.numworkers, args.crop)
             return split.images, split.labels
         protos, source = load_class_means(args.path_proto, train_split, device)
     else:
@@ -201,12 +200,12 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     images = data.images.to(d.device) if on_device else data.images
     labels = data.labels.to(d.device)
     staged = None if on_device else StagedBatches(images, args.batchsize * micro, d.device)
-    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed, micro)
+    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed, micro, data.source)
 
     # --- run dir and log
     run_dir = make_run_dir(args.results, args.mode, args.dataset, args.path_resume or args.run_dir, cfg, d,
                            fresh=resume is None or bool(changes))  # config.json gets the new --epoch
-    log = RunLog(run_dir, d.is_main)
+    log = RunLog(run_dir, d.is_main, args.tensorboard)
     if note := compat.describe(args.compat):
         log.line(note)
 
@@ -314,12 +313,14 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             grid = os.path.join(run_dir, "samples", f"grid_{done}.png")
             log.line(f"sample grid ({compat.weights} weights) -> "
                      f"{sample_grid(diffusion, sampling_net, sampled['cemblayer'], cfg, sampler, grid)}")
+            log.grid(grid, step)
         if evaluator is not None and (done % args.fid_every == 0 or last):
             evaluate_or_skip(evaluator, sampling_net, sampled["cemblayer"], done, step, log)
         if done % args.interval == 0 or last or done in (args.save_epochs or ()):
             log.line(f"checkpoint -> {save(done, 0)}")
 
     # --- teardown
+    log.close()
     guards.stop.restore()
     teardown_distributed()
     return {"net": models["net"], "cemblayer": models["cemblayer"], "ema": state.ema.module}

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import save_atomic
-from datasets import DATASETS, DatasetError, ImageData, ShardedBatches, load_dataset, to_float
+from datasets import DATASETS, ImageData, ShardedBatches, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, class_statistics, dce_and_prototype_loss, imagenet_resnet18
 from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli, str2bool
 from distributed import main_rank_first, seed_everything, setup_distributed, teardown_distributed
@@ -36,7 +36,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "image_size": NATIVE_OR_SIZE, "seed": at_least(0),
     "lr": above(0), "center_lr_mult": above(0), "scale": above(0), "pl_weight": at_least(0),
     "dataset": one_of(*DATASETS), "device": DEVICE,
-    **{flag: ANY for flag in ("data_root", "download", "tiny_imagenet_path", "pretrained", "out")},
+    **{flag: ANY for flag in ("data_root", "download", "crop", "tiny_imagenet_path", "pretrained", "out")},
 }
 
 
@@ -51,13 +51,10 @@ def main(args: argparse.Namespace) -> None:
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
     def load() -> tuple[ImageData, ImageData]:
-        try:
-            train = load_dataset(args.dataset, "train", args.data_root, args.image_size, args.download,
-                                 args.tiny_imagenet_path, args.numworkers)
-            return train, load_dataset(args.dataset, "test", args.data_root, train.size, args.download,
-                                       args.tiny_imagenet_path, args.numworkers)
-        except DatasetError as e:
-            raise UserError(str(e)) from None
+        train = load_dataset(args.dataset, "train", args.data_root, args.image_size, args.download,
+                             args.tiny_imagenet_path, args.numworkers, args.crop)
+        return train, load_dataset(args.dataset, "test", args.data_root, train.size, args.download,
+                                   args.tiny_imagenet_path, args.numworkers, args.crop)
     train, test = main_rank_first(load, d)  # one rank downloads, then the rest read
     seed_everything(args.seed)
     resnet = imagenet_resnet18() if args.pretrained else None
@@ -70,7 +67,7 @@ def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed * d.world + d.rank)
     images, labels = train.images.to(d.device), train.labels.to(d.device)
     test_images, test_labels = test.images.to(d.device), test.labels.to(d.device)
-    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed)
+    batches = ShardedBatches(len(labels), args.batchsize, d.rank, d.world, args.seed, source=train.source)
     if d.is_main:
         print(f"{args.dataset}: {len(labels)} train / {len(test_labels)} test images {tuple(images.shape[1:])}, "
               f"{len(train.classes)} classes; {d.world} process(es) on {d.device.type}", flush=True)
@@ -128,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
     p.add_argument("--numworkers", type=int, default=4, help="threads that decode image folders")
     p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
+    p.add_argument("--crop", type=str2bool, default=True, help="image folders: resize the short side to --image_size and crop "
+                   "the centre, as ADM, DiT and EDM do (False: squash each image to a square; square images: the same)")
     p.add_argument("--cdim", type=int, default=128, help="prototype / feature dimension D (the paper's 128)")
     p.add_argument("--scale", type=float, default=2.0, help="s in log_softmax(-s * distance)")
     p.add_argument("--pl_weight", type=float, default=0.01, help="weight of the prototype loss mean |f - c_y|^2")

@@ -13,7 +13,7 @@ from datasets import DATASETS
 MODES = ("regular", "proto_frozen", "proto_unfrozen", "random_scaled", "proto_shuffled")
 # flags that describe this invocation rather than the run; everything else comes from config.json on resume
 RUNTIME_FLAGS = ("path_resume", "run_dir", "device", "debug", "numworkers", "local_rank", "max_steps", "keep_last",
-                 "dist_backend", "dist_timeout", "if_exists")
+                 "dist_backend", "dist_timeout", "if_exists", "tensorboard")
 
 
 def _norm_value(v: str) -> bool:
@@ -45,7 +45,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "compile_mode": COMPILE_MODE, "compile_scope": COMPILE_SCOPE, "device": DEVICE,
     "dist_backend": DIST_BACKEND, "dist_timeout": above(0), "compat": COMPAT, "if_exists": one_of("error", "continue"),
     "per_class": CLASSES_OR_BOOL,
-    **{flag: ANY for flag in ("useconv", "ddim", "download", "local_rank", "data_root",
+    **{flag: ANY for flag in ("useconv", "ddim", "download", "crop", "tensorboard", "local_rank", "data_root",
                               "tiny_imagenet_path", "path_resume", "run_dir", "path_proto", "eval_classifier",
                               "results")},
 }
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default="linear", help="DDIM timestep selection: linear or quadratic")
     p.add_argument("--local_rank", type=int, default=-1, help="accepted for torch.distributed.launch; LOCAL_RANK is used")
     p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
+    p.add_argument("--crop", type=str2bool, default=True, help="image folders: resize the short side to --image_size and crop "
+                   "the centre, as ADM, DiT and EDM do (False: squash each image to a square; square images: the same)")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data_root", default="datasets", help="folder holding the datasets (imagefolder: the folder "
                    "of class folders itself)")
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global seed (rank r uses seed x world + r for noise)")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warm-up min(decay, (1+n)/(10+n)))")
     p.add_argument("--log_every", type=int, default=100, help="read and log the loss every this many steps")
+    p.add_argument("--tensorboard", type=str2bool, default=False, help="also write metrics.jsonl's numbers and the "
+                   "sample grids as TensorBoard events in RUN/tensorboard (rank 0; needs the tensorboard package)")
     p.add_argument("--sample_every", type=int, default=20, help="save a sample grid every this many epochs (and at the end)")
     p.add_argument("--fid_every", type=int, default=0, help="measure FID (or proto-FID) of the EMA weights every this "
                    "many epochs and at the end, into metrics.jsonl (0: never)")
