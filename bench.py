@@ -20,14 +20,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion import GaussianDiffusion, linear_betas
+from diffusion import GaussianDiffusion, guidance_inputs, linear_betas
 from ema import EMA
 from embedding import ConditionalEmbedding
-from evaluate import Sampler
 from noise import ImageNoise, PhiloxNormals, normals
 from cli import (AMP, ANY, AUTO_OR_BOOL, COMPILE_MODE, COMPILE_MODES, COMPILE_SCOPE, DEVICE, POSITIVE_LIST, Rule,
                  UserError, above, at_least, check_flags, int_list, run_cli, str2bool, unset_or)
-from speed import FastPath, adamw, resolve_fast_path
+from sampling import Sampler
+from speed import FastPath, adamw, load_compile_cache, resolve_fast_path
 from train_step import TrainStep, make_loss
 from unet import Unet, check_unet_config
 
@@ -201,24 +201,29 @@ def bench_loop(args: argparse.Namespace, device: torch.device, fast: FastPath) -
 
 def bench_sample(args: argparse.Namespace, device: torch.device, fast: FastPath | None, one_pass: bool) -> dict:
     """Images/s of a --num_steps DDIM run with CFG, timed over --sample_timed_steps steps of the product's path
-    (the network Sampler.prepare compiles, fp32 guidance, per-image device noise for the start)."""
+    (one pass: the step Sampler.prepare makes and compiles, network, fp32 guidance and update in one graph; two
+    passes: eager), from per-image device noise."""
     models = build(args, device, fast).eval()
     b = args.sample_batch or args.batchsize
     shape = (args.inch, args.image_size, args.image_size)
     sampler = Sampler(True, args.num_steps, 0.0, "linear", 1.8, b, 0, fast)
     outcomes = []
-    net = sampler.prepare(models["net"], shape, args.cdim, device, say, outcomes.append) if one_pass \
-        else models["net"]
     diff = GaussianDiffusion(linear_betas(1000), device)
     x = ImageNoise(list(range(b)), device).randn((b,) + shape, 0)
     with torch.inference_mode():
         cond = models["cemblayer"](torch.randint(args.classes, (b,), device=device))
     t = torch.full((b,), 500, device=device, dtype=torch.long)
+    if one_pass:  # the sampler's own step: guidance and update in one module, compiled once for every step
+        guided_step = sampler.prepare(models["net"], shape, args.cdim, device, say, outcomes.append)
+        both, guidance = guidance_inputs(cond, 1.8)
+        coef = torch.tensor(diff.ddim_coefficients(500, 480, 0.0), dtype=torch.float32, device=device)
 
     @torch.inference_mode()
     def step(x):
         with sampler.precision(device):
-            eps = diff.guided_eps(net, x, t, cond, 1.8, one_pass=one_pass)
+            if one_pass:
+                return guided_step(x, t, both, guidance, coef, None)
+            eps = diff.guided_eps(models["net"], x, t, cond, 1.8, one_pass=False)
         return diff.ddim_step(x, 500, 480, eps, 0.0, None)
 
     if device.type == "cuda":
@@ -293,7 +298,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "rows": Rule(lambda v: all(r in ROWS for r in v.split(",")), f"a comma list of {', '.join(ROWS)}", "train,fast"),
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "compile_scope": COMPILE_SCOPE,
-    "device": DEVICE, **{flag: ANY for flag in ("profile", "json")},
+    "device": DEVICE, **{flag: ANY for flag in ("profile", "json", "compile_cache")},
 }
 
 
@@ -354,6 +359,10 @@ def bench_scores(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> None:
     """Time every row asked for and print the table (or one JSON line)."""
     check_flags(args, FLAG_RULES)
+    if args.compile_cache:
+        if not os.path.isfile(args.compile_cache):
+            raise UserError(f"--compile_cache {args.compile_cache} does not exist")
+        load_compile_cache(args.compile_cache, say)
     rows_asked = args.rows.split(",")
     try:
         check_unet_config(args.modch, args.chmul, args.image_size)
@@ -462,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels_last", default="auto", help="optimised path: channels_last (auto: on)")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace and the top-20 op table of the "
                    "optimised training step to this folder")
+    p.add_argument("--compile_cache", default=None, help="a compile cache to load first (train.py's "
+                   "RUN/compile_cache.bin): the graphs it holds compile warm")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: the "
                    "datasheet figure for the card's name)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")

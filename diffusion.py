@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from noise import ImageNoise
@@ -55,6 +56,49 @@ def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator | No
     gen_device = generator.device if generator is not None else cond.device
     keep = torch.rand(cond.shape[0], generator=generator, device=gen_device).to(cond.device) >= p
     return cond * keep[:, None].to(cond.dtype)
+
+
+def guidance_inputs(cond: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every guided step of a batch reuses: the condition with the null condition below it, [cond; 0] (2B
+    rows, one forward pass for both halves), and the weights (1 + w, w) in fp32; for w = 0, cond and None."""
+    if w == 0:
+        return cond, None
+    return torch.cat([cond, torch.zeros_like(cond)]), torch.tensor([1 + w, w], dtype=torch.float32, device=cond.device)
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, c: Sequence, noise: torch.Tensor | None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12) with c = (sqrt(1 - abar_t), sqrt(abar_t), sqrt(abar_prev),
+    sqrt(1 - abar_prev - sigma^2), sigma): numbers, or a device tensor so that a compiled step serves every t."""
+    x0 = (x - c[0] * eps) / c[1]
+    out = c[2] * x0 + c[3] * eps
+    return out + c[4] * noise if noise is not None else out
+
+
+def ddpm_update(x: torch.Tensor, eps: torch.Tensor, c: Sequence, noise: torch.Tensor | None) -> torch.Tensor:
+    """DDPM's ancestral step (Ho et al. eq. 11) with c = (1 / sqrt(alpha_t), beta_t / sqrt(1 - abar_t) / sqrt(alpha_t),
+    sigma_t)."""
+    mean = c[0] * x - c[1] * eps
+    return mean + c[2] * noise if noise is not None else mean
+
+
+class GuidedStep(nn.Module):
+    """x_t -> the next x: the guided eps (CFG, one 2B forward pass) and the sampler's update as one module, whose
+    per-step numbers (timestep, coefficients, guidance, noise) all come in as tensors, so that torch.compile makes
+    one graph that serves every step of every batch instead of one per step."""
+
+    def __init__(self, net: nn.Module, update: Callable = ddim_update):
+        super().__init__()
+        self.net, self.update = net, update
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: torch.Tensor | None,
+                coef: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """cond and guidance from guidance_inputs; coef: this step's row of the sampler's coefficients."""
+        if guidance is None:
+            eps = self.net(x, t, cond).float()
+        else:
+            eps_cond, eps_null = self.net(torch.cat([x, x]), torch.cat([t, t]), cond).float().chunk(2)
+            eps = guidance[0] * eps_cond - guidance[1] * eps_null
+        return self.update(x, eps, coef, noise)
 
 
 def ddim_timesteps(T: int, num_steps: int, select: str = "linear") -> list[int]:
@@ -132,48 +176,64 @@ class GaussianDiffusion:
             eps_cond, eps_null = model(x, t, cond).float(), model(x, t, torch.zeros_like(cond)).float()
         return (1 + w) * eps_cond - w * eps_null
 
+    def ddpm_coefficients(self) -> torch.Tensor:
+        """[T, 3]: ddpm_update's coefficients of every t, on the device."""
+        return torch.stack([self.mean_coef_x, self.mean_coef_eps, self.sigma], dim=1)
+
     def ddpm_step(self, x: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with no noise at t = 0."""
-        mean = self.mean_coef_x[t] * x - self.mean_coef_eps[t] * eps
-        return mean + self.sigma[t] * noise if t > 0 and noise is not None else mean
+        return ddpm_update(x, eps, (self.mean_coef_x[t], self.mean_coef_eps[t], self.sigma[t]),
+                           noise if t > 0 else None)
+
+    def ddim_coefficients(self, t: int, t_prev: int, eta: float) -> tuple[float, ...]:
+        """ddim_update's coefficients from t to t_prev (t_prev = -1: the clean image, abar_{-1} = 1), in float64."""
+        a_t = self.abar[t]
+        a_prev = self.abar[t_prev] if t_prev >= 0 else 1.0
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        return (math.sqrt(1 - a_t), math.sqrt(a_t), math.sqrt(a_prev), math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)),
+                sigma)
 
     def ddim_step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, eta: float,
                   noise: torch.Tensor | None) -> torch.Tensor:
         """One DDIM update from t to t_prev (t_prev = -1 means the clean image, abar_{-1} = 1)."""
-        a_t = self.abar[t]
-        a_prev = self.abar[t_prev] if t_prev >= 0 else 1.0
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        out = math.sqrt(a_prev) * x0 + math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)) * eps
-        return out + sigma * noise if sigma > 0 and noise is not None else out
+        c = self.ddim_coefficients(t, t_prev, eta)
+        return ddim_update(x, eps, c, noise if c[4] > 0 else None)
 
     @torch.inference_mode()
     def sample(self, model: Model, cond: torch.Tensor, shape: Sequence[int], *, w: float = 1.8,
-               generator: Generator = None, progress: bool = False) -> torch.Tensor:
-        """Ancestral DDPM sampling over all T steps; returns x_0 clamped to [-1, 1]."""
+               generator: Generator = None, progress: bool = False, step: Callable | None = None) -> torch.Tensor:
+        """Ancestral DDPM sampling over all T steps; returns x_0 clamped to [-1, 1]. `step`: a GuidedStep of
+        ddpm_update around `model` (compiled, say); by default one is made."""
+        step = GuidedStep(model, ddpm_update) if step is None else step
+        cond, guidance = guidance_inputs(cond, w)
+        coefs = self.ddpm_coefficients()
         x = randn(shape, generator, self.device, draw=0)
         for t in tqdm(range(self.T - 1, -1, -1), disable=not progress, desc="DDPM", leave=False):
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, tt, cond, w)
-            x = self.ddpm_step(x, t, eps, randn(shape, generator, self.device, draw=t + 1) if t > 0 else None)
+            noise = randn(shape, generator, self.device, draw=t + 1) if t > 0 else None
+            x = step(x, tt, cond, guidance, coefs[t], noise)
         return x.clamp(-1, 1)
 
     @torch.inference_mode()
     def ddim_sample(self, model: Model, cond: torch.Tensor, shape: Sequence[int], *, num_steps: int = 50,
                     eta: float = 0.0, select: str = "linear", w: float = 1.8, generator: Generator = None,
-                    progress: bool = False) -> torch.Tensor:
-        """DDIM sampling over the distinct timesteps `select` chooses; returns x_0 clamped to [-1, 1].
+                    progress: bool = False, step: Callable | None = None) -> torch.Tensor:
+        """DDIM sampling over the distinct timesteps `select` chooses; returns x_0 clamped to [-1, 1]. `step`: a
+        GuidedStep of ddim_update around `model` (compiled, say); by default one is made.
 
         A DDIM step from t to the same t returns x (sigma is 0 and the eps terms cancel), so a repeated timestep
         (the quadratic selection repeats t = 0: three times at 50 steps and T = 1000) is skipped: same images to
         float rounding, one guided forward fewer per repeat.
         """
         tau = sorted(set(ddim_timesteps(self.T, num_steps, select)))
+        step = GuidedStep(model, ddim_update) if step is None else step
+        cond, guidance = guidance_inputs(cond, w)  # once per batch, not per step
+        coefs = torch.tensor([self.ddim_coefficients(t, tau[i - 1] if i > 0 else -1, eta) for i, t in enumerate(tau)],
+                             dtype=torch.float32, device=self.device)
         x = randn(shape, generator, self.device, draw=0)
         for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
             t, t_prev = tau[i], (tau[i - 1] if i > 0 else -1)
             tt = torch.full((shape[0],), t, device=self.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, tt, cond, w)
             noise = randn(shape, generator, self.device, draw=t + 1) if eta > 0 and t_prev >= 0 else None
-            x = self.ddim_step(x, t, t_prev, eps, eta, noise)
+            x = step(x, tt, cond, guidance, coefs[i], noise)
         return x.clamp(-1, 1)

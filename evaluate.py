@@ -1,153 +1,27 @@
-"""Sample a model with per-image seeds and score the images: FID (Inception) or proto-FID, and class accuracy.
+"""Score sampled images: FID (Inception) or proto-FID, class accuracy and per-class figures, and the `fid` record.
 
-Image i's noise comes from seed `seed + i` alone (noise.ImageNoise, drawn on the sampling device), so the images
-do not depend on the batch size or on the number of processes; each rank samples every world-th image and only
-feature statistics (and a grid's few images) travel between ranks. PNGs are encoded in a thread pool while the
-device samples the next batch.
-Used by sample.py (a saved run) and train.py (EMA grids and --fid_every during training, whose failures are
+Each rank samples every world-th image (sampling.py) and only feature statistics (and a grid's few images) travel
+between ranks. Used by sample.py (a saved run) and train.py (--fid_every during training, whose failures are
 agreed, recorded and skipped).
 """
 import argparse
 import hashlib
-import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from cli import UserError
-from datasets import (DatasetError, Pixels, class_grid_labels, folder_cache, folder_key, load_dataset, save_grid,
-                      save_png, to_float)
-from diffusion import GaussianDiffusion, ddim_timesteps
+from datasets import DatasetError, folder_cache, folder_key, load_dataset, to_float
+from diffusion import GaussianDiffusion
 from distributed import AgreedFailure, Dist, broadcast_object, run_agreed
 from fid import (GEN_PER_CLASS, NARROW, ClassFeatures, FeatureStats, dataset_stats, feature_width, frechet_distance,
                  kernel_distance, load_or_make_reference, make_extractor)
-from noise import ImageNoise, PhiloxNormals, normals, normals_inputs
 from runlog import RunLog
-from speed import FastPath, compile_or_eager
-
-
-@dataclass
-class Sampler:
-    """How images are drawn: DDIM (steps, eta, timestep selection) or T-step DDPM, guidance w, images per forward
-    pass, the base seed, and the speed settings of the forward passes (precision, compile)."""
-    ddim: bool
-    num_steps: int
-    eta: float
-    select: str
-    w: float
-    batch: int
-    seed: int
-    fast: FastPath | None = None
-    normals: Callable[..., torch.Tensor] = normals  # computes per-image noise; compiled by prepare() with --compile
-    pixels: Pixels = Pixels()  # samples -> uint8 (PNGs, grids and the FID features all read these)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, w: float | None = None, fast: FastPath | None = None,
-                  pixels: Pixels = Pixels()) -> "Sampler":
-        """The sampler the flags describe (--ddim --num_steps --eta --select --w --genbatch --seed)."""
-        return cls(args.ddim, args.num_steps, args.eta, args.select, args.w if w is None else w, args.genbatch,
-                   args.seed, fast, pixels=pixels)
-
-    @property
-    def fixed_batch(self) -> bool:
-        """A compiled network sees one batch shape: the last chunk is padded and its extra images dropped."""
-        return self.fast is not None and self.fast.compile
-
-    def steps(self, T: int) -> int:
-        """Network evaluations per image (each a guided pair); repeated DDIM timesteps are skipped."""
-        return len(set(ddim_timesteps(T, self.num_steps, self.select))) if self.ddim else T
-
-    def name(self, T: int) -> str:
-        return f"DDIM-{self.num_steps} ({self.select}, eta {self.eta})" if self.ddim else f"DDPM-{T}"
-
-    def precision(self, device: torch.device):
-        """Autocast for the forward passes, as the run's --amp asks."""
-        return self.fast.autocast(device) if self.fast is not None else nullcontext()
-
-    def prepare(self, net: nn.Module, image_shape: tuple[int, int, int], cdim: int, device: torch.device,
-                say: Callable[[str], None], record: Callable[[dict], None] = lambda outcome: None) -> nn.Module:
-        """The network this sampler calls: `net` itself, or with --compile a stand-in that compiles `net` at its
-        first call, once, for the sampler's fixed batch (behind the probe, eager if that fails; `record` gets the
-        outcome). Reused by every step, batch, grid and FID of a run.
-
-        The outcome is this rank's own: sampling runs no collective, and grids are drawn by rank 0 alone."""
-        if not self.fixed_batch:
-            return net
-        rows = self.batch if self.w == 0 else 2 * self.batch  # CFG runs both halves as one 2B batch
-
-        def probe(m: nn.Module) -> torch.Tensor:  # inputs made as the samplers make theirs: inference tensors
-            with torch.inference_mode(), self.precision(device):
-                return m(torch.zeros((rows,) + tuple(image_shape), device=device),
-                         torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(rows, cdim, device=device))
-
-        def compile_now() -> nn.Module:
-            compiled, outcome = compile_or_eager(net, probe, device, say, self.fast.compile_mode, "sampling network")
-            record(outcome)
-            return compiled
-
-        def compile_noise() -> nn.Module:
-            n = math.prod(image_shape)
-            with torch.inference_mode(False):  # the first draw may run under inference mode; generate's keys do not
-                key = ImageNoise(list(range(self.batch)), device).key
-            def probe_noise(m: nn.Module) -> torch.Tensor:  # as the samplers draw: under inference mode
-                with torch.inference_mode():
-                    return m(*normals_inputs(n, 0, key, device))
-            compiled, outcome = compile_or_eager(PhiloxNormals(), probe_noise, device, say, "default",
-                                                 "per-image noise")
-            record(outcome)
-            return compiled
-        self.normals = CompiledAtFirstCall(compile_noise)
-        return CompiledAtFirstCall(compile_now)
-
-    def draw(self, diffusion: GaussianDiffusion, net: nn.Module, cond: torch.Tensor, shape: tuple,
-             noise: ImageNoise) -> torch.Tensor:
-        """One batch of samples in [-1, 1]; row i's noise comes from noise's seed i alone."""
-        with self.precision(diffusion.device):
-            if self.ddim:
-                return diffusion.ddim_sample(net, cond, shape, num_steps=self.num_steps, eta=self.eta,
-                                             select=self.select, w=self.w, generator=noise)
-            return diffusion.sample(net, cond, shape, w=self.w, generator=noise)
-
-
-class CompiledAtFirstCall:
-    """Calls the network `compile_now()` returns, which it asks for at the first call only."""
-
-    def __init__(self, compile_now: Callable[[], nn.Module]):
-        self.compile_now, self.net = compile_now, None
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.net is None:
-            self.net = self.compile_now()
-        return self.net(*inputs)
-
-
-class PngWriter:
-    """Encodes and writes PNGs in a small thread pool, so that the device samples the next batch meanwhile."""
-
-    def __init__(self, out_dir: str, threads: int = 4):
-        self.out_dir = out_dir
-        self.pool = ThreadPoolExecutor(threads)
-        self.pending: list[Future] = []
-
-    def write(self, indices: list[int], images_u8: torch.Tensor) -> None:
-        """Queue images_u8[k] (on the CPU) as OUT/{indices[k]}.png."""
-        self.pending += [self.pool.submit(save_png, img, os.path.join(self.out_dir, f"{i}.png"))
-                         for i, img in zip(indices, images_u8)]
-
-    def close(self) -> None:
-        """Wait for every queued PNG; the first failed write is raised here."""
-        try:
-            for f in self.pending:
-                f.result()
-        finally:
-            self.pool.shutdown()
+from sampling import PngWriter, Sampler, generate, image_labels
 
 
 @dataclass
@@ -205,31 +79,6 @@ class Scoring:
             self.made["reference"] = load_or_make_reference(self.reference, from_data, rank == 0,
                                                             cfg["num_classes"] if self.per_class else 0, group)
         return self.made["reference"]
-
-
-def image_labels(n: int, clsnum: int, label: str, seed: int) -> torch.Tensor:
-    """Class of every image: `range` is i mod clsnum (exactly balanced), `random` is uniform from a fixed seed."""
-    if label == "range":
-        return torch.arange(n) % clsnum
-    if label == "random":
-        return torch.randint(clsnum, (n,), generator=torch.Generator().manual_seed(seed))
-    raise UserError(f"unknown --label '{label}' (choose range or random)")
-
-
-def generate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, indices: list[int],
-             labels: torch.Tensor, shape: tuple[int, int, int], sampler: Sampler,
-             progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (image indices, uint8 images on the CPU) in batches; image i's noise comes from seed `seed + i` alone."""
-    device = diffusion.device
-    for start in tqdm(range(0, len(indices), sampler.batch), disable=not progress, desc="sampling",
-                      dynamic_ncols=True):
-        chunk = indices[start:start + sampler.batch]
-        rows = chunk + [chunk[-1]] * (sampler.batch - len(chunk)) if sampler.fixed_batch else chunk
-        with torch.inference_mode():
-            cond = cemblayer(labels[rows].to(device))
-        x = sampler.draw(diffusion, net, cond, (len(rows),) + tuple(shape),
-                         ImageNoise([sampler.seed + i for i in rows], device, sampler.normals))
-        yield chunk, sampler.pixels.decode(x[:len(chunk)]).cpu()  # one device-to-host copy per batch
 
 
 def classifier_for(path: str) -> nn.Module:
@@ -401,15 +250,3 @@ def evaluate_or_skip(evaluator: Callable[[nn.Module, nn.Module, int, int], dict]
     log.record(**record)
     log.line(f"epoch {epoch}: {record['metric']} {record['value']:.4f}" +
              (f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""))
-
-
-def sample_grid(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, sampler: Sampler,
-                path: str) -> str:
-    """A class-per-row grid of sampler.batch images (images 0.. of the run's seed), so successive grids compare."""
-    per_class = sampler.batch // cfg["clsnum"]
-    labels = class_grid_labels(cfg["clsnum"], per_class)
-    shape = (cfg["inch"], cfg["image_size"], cfg["image_size"])
-    images = torch.cat([u8 for _, u8 in generate(diffusion, net, cemblayer, list(range(len(labels))), labels, shape,
-                                                 sampler)])
-    save_grid(images, per_class, path)
-    return path

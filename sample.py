@@ -21,14 +21,14 @@ from checkpoints import load_epoch, load_run, saved_epochs
 from compat import COMPAT, Compat
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
-from evaluate import (Sampler, Scoring, classifier_for, evaluate, few_images_warning, fid_record, image_labels,
-                      reference_path)
+from evaluate import Scoring, classifier_for, evaluate, few_images_warning, fid_record, reference_path
 from fid import FEATURES, feature_width
 from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, DEVICE, FINITE_LIST, Rule, UserError,
                  append_line, at_least, bool_or_classes, check_flags, float_list, int_list, one_of, run_cli, str2bool,
                  unset_or)
 from distributed import setup_distributed, teardown_distributed
 from runlog import Board, RunLog, summary_writer_class
+from sampling import Sampler, image_labels
 from speed import resolve_fast_path
 
 

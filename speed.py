@@ -65,7 +65,7 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface in the first real call,
     possibly on one rank only. The probe runs with the RNG forked and its gradients discarded, so the run that
     follows is the same as without it, and its time is the compile time. With CUDA graphs (reduce-overhead) it runs
-    three times (warm-up, record, replay), so the graphs are captured inside it. A failure resets nothing global:
+    three times (warm-up, record, replay), each from cleared gradients, so the graphs are captured inside it. A failure resets nothing global:
     other networks' compiled graphs stay.
     """
     # shapes are fixed; a symbolic-shape recompile takes minutes
@@ -88,6 +88,9 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
             for _ in range(3 if mode == "reduce-overhead" else 1):
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
+                # no run accumulates into the gradients of the one before, which its CUDA graph replay overwrote
+                # (PyTorch issue 169545)
+                module.zero_grad(set_to_none=True)
                 probe(compiled)
         if recompile_limit_hits() > limit_hits:
             reason = "dynamo hit its recompile limit: some of the graph would run eager"

@@ -26,9 +26,10 @@ from diffusion import GaussianDiffusion, make_betas
 from distributed import StopSignal, main_rank_first, seed_everything, setup_distributed, teardown_distributed
 from ema import EMA
 from embedding import expected_row_norm, rows_at_norm, rows_with_norms_of, set_class_table, shuffled_rows
-from evaluate import Sampler, evaluate_or_skip, make_evaluator, sample_grid
+from evaluate import evaluate_or_skip, make_evaluator
 from lr_schedule import continued_schedule, make_lr_schedule
 from runlog import Guards, LossMeter, RunLog, summary_writer_class
+from sampling import Sampler, sample_grid
 from speed import adamw, load_compile_cache, resolve_fast_path, save_compile_cache
 from train_flags import FLAG_RULES, RUNTIME_FLAGS, build_parser  # every flag, its help and its rule
 from train_step import DiffusionLoss, TrainStep, compile_loss, wrap_ddp

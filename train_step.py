@@ -40,6 +40,12 @@ class DiffusionLoss(nn.Module):
         return self.diffusion.train_loss(self.models["net"], x0, cond)
 
 
+# A compiled DDP loss as one graph: dynamo's DDPOptimizer would cut it at every DDP bucket (about six graphs for the
+# paper's UNet at the 25 MB default, fused apart) so that all-reduce overlaps backward; for 28 M parameters one
+# all-reduce after backward costs little next to the fusion it blocks (PyTorch's torch._dynamo.config.optimize_ddp)
+ONE_DDP_GRAPH = True
+
+
 def wrap_ddp(loss: DiffusionLoss, d: Dist | None) -> nn.Module:
     """One DistributedDataParallel around the whole loss when the job has several processes (both models'
     gradients are all-reduced during backward); the loss itself in one process.
@@ -56,12 +62,14 @@ def compile_loss(loss: DiffusionLoss, ddp_loss: nn.Module, d: Dist | None, examp
     """torch.compile around the DDP-wrapped loss, proven on `example` (a batch of the training shape); returns the
     module to call and the compile's outcome record.
 
-    DDP goes inside torch.compile, the order PyTorch documents for the two together: dynamo then splits the graph
-    at DDP's bucket boundaries, so gradient all-reduce overlaps the rest of backward. The probe runs forward and
+    DDP goes inside torch.compile, the order PyTorch documents for the two together, as one graph (ONE_DDP_GRAPH;
+    gradients stay views into DDP's buckets). The probe runs forward and
     backward under DDP's no_sync, so that it runs no collective that a rank whose compile failed would not join;
     the ranks then agree, and if any failed, every rank goes on eager with a fresh DDP around the plain loss.
     """
     fast, several, device = loss.fast, ddp_loss is not loss, example[0].device
+    if several:
+        torch._dynamo.config.optimize_ddp = not ONE_DDP_GRAPH
 
     def probe(m: nn.Module) -> None:
         with ddp_loss.no_sync() if several else nullcontext():
@@ -99,10 +107,13 @@ class TrainStep:
         self.loss, self.models, self.optimizer, self.scaler, self.ema = loss, models, optimizer, scaler, ema
         self.fast, self.micro = fast, micro
         ddp = getattr(loss, "_orig_mod", loss)  # torch.compile's wrapper keeps the DDP module it compiled
-        self.no_sync = ddp.no_sync if isinstance(ddp, DDP) else nullcontext
+        self.ddp = isinstance(ddp, DDP)
+        self.no_sync = ddp.no_sync if self.ddp else nullcontext
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        # DDP's gradients are views into its buckets: zeroed in place, backward adds into them with no copy. One
+        # process sets them to None: backward then hands over its own output, nothing reads the old gradients
+        self.optimizer.zero_grad(set_to_none=not self.ddp)
         total = None
         for k, (x, y) in enumerate(zip(images_u8.chunk(self.micro), labels.chunk(self.micro))):
             if self.fast.cudagraphs:
@@ -111,6 +122,10 @@ class TrainStep:
                 with self.fast.autocast(x.device):  # mixed precision for the forward pass only
                     loss = self.loss(x, y)
                 self.scaler.scale(loss / self.micro if self.micro > 1 else loss).backward()
+            if self.fast.cudagraphs and not self.ddp and k < self.micro - 1:
+                for p in self.models.parameters():  # out of the graph's memory, which the next micro-batch reuses
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
             loss = loss.detach().clone() if self.fast.cudagraphs else loss.detach()
             total = loss if total is None else total + loss
         self.scaler.step(self.optimizer)  # fp16 only: the scaler's inf check reads the device here

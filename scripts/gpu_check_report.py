@@ -4,8 +4,8 @@ tuning sweep.
 
     python scripts/gpu_check_report.py preflight WORK
     python scripts/gpu_check_report.py random-scorers WORK
-    python scripts/gpu_check_report.py report OUT_DIR WORK GENUM LOSS_MAX COMPILE_S partial|final
-    python scripts/gpu_check_report.py tune OUT_DIR
+    python scripts/gpu_check_report.py report OUT_DIR WORK CALL GENUM LOSS_MAX COMPILE_S partial|final
+    python scripts/gpu_check_report.py tune OUT_DIR WORK
 """
 import json
 import math
@@ -19,12 +19,12 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-ENTRY_POINTS = ("train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",
-                "study")
+ENTRY_POINTS = ("train", "sample", "bench", "sampling", "evaluate", "fid", "train_classifier", "structure",
+                "plot_fid", "study")
 
 
 def preflight(work: str) -> int:
-    """What the check needs, in one table (WORK/env.txt): torch >= 2.6, every entry point importable, a working
+    """What the check needs, in one table (WORK/env.txt): torch >= 2.7, every entry point importable, a working
     C++ compiler (inductor on CPU), triton and free memory on CUDA; pytorch-fid is optional. Non-zero if one fails."""
     import importlib
     import shutil
@@ -32,8 +32,8 @@ def preflight(work: str) -> int:
     lines, failures = [], []
     version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
     lines.append(f"torch {torch.__version__} (cuda {torch.version.cuda})")
-    if version < (2, 6):
-        failures.append(f"torch {torch.__version__} is older than 2.6")
+    if version < (2, 7):
+        failures.append(f"torch {torch.__version__} is older than 2.7")
     for name in ENTRY_POINTS:
         try:
             importlib.import_module(name)
@@ -114,8 +114,8 @@ def read(path: str) -> str:
 
 
 def check_train(work: str, loss_max: float) -> dict:
-    """The stopped and resumed run: it went on past the stop, finished, its loss stayed finite and ended below
-    loss_max."""
+    """The stopped and resumed run: it went on past the stop, finished, its loss stayed finite, fell, and ended below
+    loss_max (an untrained UNet's is near 1)."""
     run = os.path.join(work, "run")
     records = [json.loads(line) for line in read(os.path.join(run, "metrics.jsonl")).splitlines()]
     steps = [r for r in records if r.get("event") == "train"]
@@ -135,31 +135,43 @@ def check_train(work: str, loss_max: float) -> dict:
         "went on past the stop": bool(stop and steps and steps[-1]["step"] > int(stop.group(1))),
         "final epoch checkpoint written": os.path.isfile(final),
         "losses finite": bool(steps) and all(math.isfinite(r["loss"]) for r in steps),
-        f"last loss below {loss_max}": bool(steps) and steps[-1]["loss"] < loss_max,
-        "the loss compiled at the start and at the resume (2 ranks, DDP)": len(losses) == 2 and all(
-            r["compiled"] for r in losses),
+        f"last loss below {loss_max} and below the first": bool(steps) and steps[-1]["loss"] < min(
+            loss_max, steps[0]["loss"]),
+        "the loss compiled at the start and at the resume": len(losses) == 2 and all(r["compiled"] for r in losses),
         "no compile fell back to eager": all(r["compiled"] for r in out["compiles"]),
     }
     return out
 
 
-def report(out_dir: str, work: str, genum: int, loss_max: float, compile_s: int, stage: str) -> int:
-    """report.json and summary.txt of the steps run so far (stage partial: after each step; final: the verdict)."""
+def log_tails(work: str, steps: dict, lines: int = 30) -> str:
+    """The last lines of every step's log (progress bars reduced to their last state), for OUT_DIR/logs.txt."""
+    parts = []
+    for name, s in steps.items():
+        text = read(os.path.join(work, "logs", f"{name}.log"))
+        tail = [line.split("\r")[-1] for line in text.splitlines()][-lines:]
+        parts.append(f"== {name}: rc {s['rc']}, {s['seconds']} s\n" + "\n".join(tail))
+    return "\n\n".join(parts) + "\n"
+
+
+def report(out_dir: str, work: str, call: int, genum: int, loss_max: float, compile_s: int, stage: str) -> int:
+    """report.json, summary.txt and logs.txt of the call's steps so far (stage partial: after each step; final: the
+    verdict), and call 1's metrics.jsonl: the only files written to OUT_DIR."""
     steps = {}
     for line in read(os.path.join(work, "steps.tsv")).splitlines():
         name, rc, seconds, limit = line.split("\t")
         steps[name] = {"rc": int(rc), "seconds": int(seconds), "limit": int(limit)}
-    rep = {"environment": read(os.path.join(work, "env.txt")).strip(), "date": time.strftime("%Y-%m-%d"),
+    logs = os.path.join(work, "logs")
+    rep = {"call": call, "environment": read(os.path.join(work, "env.txt")).strip(), "date": time.strftime("%Y-%m-%d"),
            "commit": commit(), "complete": stage == "final", "compile_s_assumed": compile_s, "steps": steps}
-    tests_log = read(os.path.join(out_dir, "tests.log")) if "tests" in steps else ""
+    tests_log = read(os.path.join(logs, "tests.log")) if "tests" in steps else ""
     rep["tests"] = {"summary": (re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped).*?)(?: in [\d.]+s)?\s*=*$",
                                            tests_log, re.M) or [""])[-1],
                     "per_image_seeds": (re.findall(r"per-image seeds on CUDA.*", tests_log) or [None])[-1]}
-    rep["bench"] = bench_json(os.path.join(out_dir, "bench.log")) if "bench" in steps else None
+    rep["bench"] = bench_json(os.path.join(logs, "bench.log")) if "bench" in steps else None
     if "train" in steps:
         rep["train"] = check_train(work, loss_max)
     fid = re.search(r"^(?:epoch \d+: )?((?:proto-)?FID ([^\s,]+).*?\((\d+) images.*)$",
-                    read(os.path.join(out_dir, "sample.log")), re.M)
+                    read(os.path.join(logs, "sample.log")), re.M)
     if "sample" in steps:
         wall = steps["sample"]["seconds"]
         records = [json.loads(line) for line in read(os.path.join(work, "run", "metrics.jsonl")).splitlines()]
@@ -194,8 +206,14 @@ def report(out_dir: str, work: str, genum: int, loss_max: float, compile_s: int,
     rep["passed"] = not failures if stage == "final" else None
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(rep, f, indent=1)
+    with open(os.path.join(out_dir, "logs.txt"), "w") as f:
+        f.write(log_tails(work, steps))
+    metrics = read(os.path.join(work, "run", "metrics.jsonl")) if call == 1 else ""
+    if metrics:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+            f.write(metrics)
 
-    lines = [rep["environment"], ""]
+    lines = [f"call {call}", rep["environment"], ""]
     lines += [f"{n:<9} rc {s['rc']:>3}  {s['seconds']:>4} s (limit {s['limit']} s)" for n, s in steps.items()]
     lines.append(f"{'total':<9}         {sum(s['seconds'] for s in steps.values()):>4} s")
     lines.append(f"limits set for a cold compile of C = {compile_s} s; compiles (cold once, then warm):")
@@ -216,8 +234,8 @@ def report(out_dir: str, work: str, genum: int, loss_max: float, compile_s: int,
         step_row = next((r for k, r in b["rows"].items() if k.startswith("train step, optimised")), None)
         loop_row = next((r for k, r in b["rows"].items() if k.startswith("train.py loop")), None)
         if step_row:
-            lines.append(f"  setup and compilation {step_row['compile_s']:.1f} s; train speed-up "
-                         f"{b['train_speedup']:.2f}x")
+            speedup = f"; train speed-up {b['train_speedup']:.2f}x" if b.get("train_speedup") else ""
+            lines.append(f"  setup and compilation {step_row['compile_s']:.1f} s{speedup}")
         if step_row and loop_row:
             lines.append(f"  train.py's own loop / bench's step: {loop_row['img_per_s'] / step_row['img_per_s']:.2f}")
         if b.get("bf16_matmul_tflops"):
@@ -247,14 +265,15 @@ def report(out_dir: str, work: str, genum: int, loss_max: float, compile_s: int,
     return 0 if rep["passed"] or stage != "final" else 1
 
 
-def tune(out_dir: str) -> int:
-    """One table of gpu_tune.sh's rows (from rows.tsv and each row's bench.py JSON) and tune.json with the best."""
+def tune(out_dir: str, work: str) -> int:
+    """One table of gpu_tune.sh's rows (from WORK's rows.tsv and each row's bench.py JSON) and tune.json with the
+    best."""
     rows, bench = [], None
-    for line in read(os.path.join(out_dir, "rows.tsv")).splitlines():
+    for line in read(os.path.join(work, "rows.tsv")).splitlines():
         i, batch, mode, cl, scope, status = line.split("\t")
         row = {"batch": int(batch), "compile_mode": mode, "channels_last": cl == "True", "compile_scope": scope,
                "status": status}
-        lines = [x for x in read(os.path.join(out_dir, f"row_{i}.json")).splitlines() if x.startswith("{")]
+        lines = [x for x in read(os.path.join(work, f"row_{i}.json")).splitlines() if x.startswith("{")]
         if lines:
             bench = json.loads(lines[-1])
             # a training row, or the sampling row that runs the compiled network (CFG as one 2B forward)
@@ -307,6 +326,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "random-scorers":
         random_scorers(sys.argv[2])
     elif sys.argv[1] == "tune":
-        sys.exit(tune(sys.argv[2]))
+        sys.exit(tune(sys.argv[2], sys.argv[3]))
     else:
-        sys.exit(report(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7]))
+        sys.exit(report(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]),
+                        int(sys.argv[7]), sys.argv[8]))

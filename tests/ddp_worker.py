@@ -14,7 +14,9 @@ Faults for one rank only, set by environment variables:
   global batch does not depend on which process or micro-batch an image lands in (use with --threshold 0
   --droprate 0, the loss's other randomness).
 - COMPILE_BACKEND=eager (every rank): torch.compile traces with dynamo (DDP's graph split included) and runs the
-  graphs as traced, without inductor's minutes of code generation.
+  graphs as traced, without inductor's minutes of code generation; OUT/rank{r}.pt counts the graphs.
+- DDP_BUCKET_GRAPHS=1 (every rank): a compiled DDP loss is cut into one graph per DDP bucket (dynamo's DDPOptimizer)
+  instead of one graph.
 Every rank writes its process id to OUT/pid{r}.
 Errors reach the user as train.py's do (cli.run_cli).
 """
@@ -66,9 +68,16 @@ if os.environ.get("EVAL_FAULT_RANK") == rank:
         raise UserError(f"reference statistics {path} are unreadable (injected on rank {rank})")
     fid.read_npz = unreadable
 
+graphs = []
 if os.environ.get("COMPILE_BACKEND"):
     import functools  # noqa: E402
-    torch.compile = functools.partial(torch.compile, backend=os.environ["COMPILE_BACKEND"])
+
+    def traced(gm, example_inputs, **options):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+    torch.compile = functools.partial(torch.compile, backend=traced)
+if os.environ.get("DDP_BUCKET_GRAPHS"):
+    train_step.ONE_DDP_GRAPH = False
 if os.environ.get("KEYED_NOISE"):
     import diffusion  # noqa: E402
     import torch.nn.functional as F  # noqa: E402
@@ -85,6 +94,7 @@ def main(args) -> None:
     modules = train.main(args)
     final = {name: m.state_dict() for name, m in modules.items()}
     final["grad"] = {n: p.grad for n, p in modules["net"].named_parameters() if p.grad is not None}  # the last step's
+    final["graphs"] = len(graphs)
     torch.save(final, os.path.join(out, f"rank{rank}.pt"))
 
 

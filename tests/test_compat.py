@@ -12,7 +12,7 @@ from torchvision import transforms
 
 from conftest import TINY
 
-import evaluate
+import sampling
 import lr_schedule
 import sample
 import train
@@ -153,7 +153,7 @@ def test_sample_follows_the_runs_compat(original_run, tmp_path, monkeypatch, cap
     def draw(self, diffusion, net, cond, shape, noise):  # unsaturated samples, as a trained model draws them
         scale = 0.3 + 0.07 * torch.arange(shape[0]).view(-1, 1, 1, 1)  # images 0-9 are one batch
         return torch.linspace(-0.6, 0.3, math.prod(shape[1:])).view(shape[1:]) * scale
-    monkeypatch.setattr(evaluate.Sampler, "draw", draw)
+    monkeypatch.setattr(sampling.Sampler, "draw", draw)
     common = ["--path", original_run, "--epoch", "2", "--genum", "10", "--genbatch", "10"]
     sample.main(sample.build_parser().parse_args(common + ["--out", str(tmp_path / "a")]))
     said = capsys.readouterr().out

@@ -11,7 +11,7 @@ import train
 from diffusion import GaussianDiffusion, linear_betas
 from speed import adamw
 from checkpoints import build_models
-from evaluate import Sampler, generate
+from sampling import Sampler, generate
 from unet import Unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -86,20 +86,24 @@ def test_ctrl_c_to_a_two_process_job_stops_it_with_a_checkpoint(tmp_path):
 
 def test_the_update_of_a_global_batch_does_not_depend_on_processes_or_micro_batches(tmp_path):
     # 64 images per step as 1 process x 2 micro-batches of 32, 2 x 1 of 32 and 2 x 2 of 16 (eager, and compiled
-    # around DDP): the same images (the data order is a function of the seed), the same noise per image
-    # (KEYED_NOISE), so the same two AdamW updates
+    # around DDP as one graph or as dynamo's one graph per DDP bucket): the same images (the data order is a
+    # function of the seed), the same noise per image (KEYED_NOISE), so the same two AdamW updates
     setup = TINY + ["--threshold", "0", "--droprate", "0", "--max_steps", "2", "--global_batch", "64"]
     finals = {}
-    for procs, batch, compiled in ((1, 32, False), (2, 32, False), (2, 16, False), (2, 16, True)):
-        out = tmp_path / f"{procs}x{batch}{'c' if compiled else ''}"
+    for procs, batch, compiled in ((1, 32, False), (2, 32, False), (2, 16, False), (2, 16, True), (2, 16, "buckets")):
+        out = tmp_path / f"{procs}x{batch}{compiled}"
         r = torchrun(out, setup + ["--batchsize", str(batch), "--run_dir", str(out / "run"), "--compile",
-                                   str(compiled)], procs=procs, KEYED_NOISE="1", COMPILE_BACKEND="eager")
+                                   str(bool(compiled))], procs=procs, KEYED_NOISE="1", COMPILE_BACKEND="eager",
+                     **({"DDP_BUCKET_GRAPHS": "1"} if compiled == "buckets" else {}))
         assert r.returncode == 0, r.stderr[-3000:]
         micro = 64 // (procs * batch)
         log = (out / "run" / "log.txt").read_text()
         assert f"global batch 64 ({procs} x {micro} micro-batch(es) of {batch})" in log
-        assert ("compiled in" in log) == compiled
+        assert ("compiled in" in log) == bool(compiled)
         finals[procs, batch, compiled] = torch.load(out / "rank0.pt", weights_only=True)
+    # the loss's graphs: one, where DDPOptimizer cuts this 3.2 MiB UNet at its 1 MiB first bucket (the paper's 112 MB
+    # UNet: about six graphs at DDP's 25 MB buckets)
+    assert finals[2, 16, True]["graphs"] == 1 and finals[2, 16, "buckets"]["graphs"] == 2
     cfg = json.load(open(tmp_path / "1x32" / "run" / "config.json"))
     seed_everything(cfg["seed"])  # train.py's initialisation, rebuilt here to measure how far the weights moved
     net, cemblayer = build_models(cfg)

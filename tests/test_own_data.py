@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import ROOT, run_program
 
 import datasets
-from datasets import DatasetError, fit_square, load_dataset, resize_uint8
+from datasets import fit_square, load_dataset, resize_uint8
 from evaluate import reference_path
 
 

@@ -230,7 +230,7 @@ def test_bf16_sampling_changes_images_far_less_than_another_seed(run_dir, tmp_pa
     from checkpoints import load_run
     from datasets import load_dataset
     from diffusion import GaussianDiffusion, linear_betas
-    from evaluate import Sampler, generate
+    from sampling import Sampler, generate
     from fid import FeatureStats, dataset_stats, frechet_distance, make_extractor
     from prototypes import load_classifier
     from speed import FastPath

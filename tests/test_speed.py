@@ -193,3 +193,20 @@ def test_a_recompile_limit_hit_is_seen():
     for n in (1, 2, 3):
         f(torch.ones(n))
     assert recompile_limit_hits() > before
+
+
+def test_every_run_of_the_cuda_graph_probe_starts_without_gradients(monkeypatch):
+    """reduce-overhead's probe runs forward and backward three times; a run that accumulated into the gradients of
+    the run before would read memory its CUDA graph replay overwrote (PyTorch issue 169545)."""
+    from speed import compile_or_eager
+    traced = lambda gm, inputs, **options: gm.forward  # noqa: E731  (the mode's options are inductor's)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=traced))
+    module, seen = torch.nn.Linear(3, 2), []
+
+    def probe(m):
+        seen.append([p.grad for p in module.parameters()])
+        m(torch.ones(4, 3)).sum().backward()
+    _, outcome = compile_or_eager(module, probe, torch.device("cpu"), lambda line: None, "reduce-overhead")
+    assert outcome["compiled"], outcome
+    assert len(seen) == 3 and all(grad is None for run in seen for grad in run)
+    assert all(p.grad is None for p in module.parameters())  # and the run that follows starts clean too

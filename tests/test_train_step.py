@@ -110,11 +110,13 @@ def test_bench_profile_and_loop_rows_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("sweep", ["train", "sample"])
 def test_gpu_tune_runs_its_grid_on_cpu(tmp_path, sweep):
-    env = dict(run_env(), GPU_TUNE_OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", SWEEP=sweep)
+    env = dict(run_env(), GPU_TUNE_OUT=str(tmp_path / "out"), GPU_TUNE_WORK=str(tmp_path / "work"),
+               PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", SWEEP=sweep)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_tune.sh")], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.load(open(tmp_path / "tune.json"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["summary.txt", "tune.json"]  # what the device tool brings back
+    report = json.load(open(tmp_path / "out" / "tune.json"))
     measured = [row for row in report["rows"] if row.get("img_per_s")]
     assert len(measured) >= 3 and report["best"]["img_per_s"] == max(row["img_per_s"] for row in measured)
     assert "img/s" in r.stdout and "compile s" in r.stdout
