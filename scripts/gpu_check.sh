@@ -16,7 +16,7 @@
 # report.json, summary.txt, logs.txt (the last lines of each step's log), and from call 1 the run's metrics.jsonl and
 # compile_cache.bin (the compiles of call 1, for call 2: GPU_CHECK_CACHE=FILE), from call 2 top_ops.txt. Exits
 # non-zero if any check fails or a compile fell back to eager. Without a GPU the same steps run on tiny configs
-# (the CUDA tests skip), to check the plumbing.
+# (train and resume on 2 gloo ranks, DDP; the CUDA tests skip), to check the plumbing.
 #   GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh --call 1
 #   GPU_CHECK_OUT=$OUT GPU_CHECK_CACHE=gpu_cache/compile_cache.bin bash scripts/gpu_check.sh --call 2
 #   bash scripts/gpu_check.sh --plan 120            # each call's step limits for C = 120 s, and their sums
@@ -76,15 +76,16 @@ if [ "$CUDA" = 1 ]; then
   # bench's training rows compile the same graph
   MODEL="--inch 1 --modch 64 --chmul 1,2,4,4 --numres 2 --cdim 128 --image_size 32 --batchsize 128"
   EPOCHS=2; STOP=20  # 14 steps per epoch (1797 digits / 128): stop 6 steps into epoch 2, resume to step 28
-  BACKEND=nccl; GRID_BATCH=100; LOSS_MAX=0.5  # the paper's UNet: 0.41 at step 150 at its start (docs/gpu.md)
+  RANKS=1; BACKEND=nccl; GRID_BATCH=100; LOSS_MAX=0.5  # an untrained UNet's loss is near 1
   BENCH_TRAIN="--steps 10 --warmup 3 --rows train_eager,train"
   BENCH_SAMPLE="--steps 5 --warmup 2 --sample_batch 256 --sample_timed_steps 10 --rows train,sample_eager,sample"
   GENUM=${GENUM:-2000}
 else
-  # plumbing only: a tiny UNet on 8x8 digits, whose compiles are the suite's (tests/test_gpu_check.py)
+  # plumbing only: a tiny UNet on 8x8 digits on 2 gloo ranks (DDP), whose compiles the suite reuses
+  # (tests/test_gpu_check.py)
   MODEL="--inch 1 --modch 32 --chmul 1 --numres 1 --cdim 128 --image_size 8 --batchsize 64"
-  EPOCHS=2; STOP=20  # 28 steps per epoch: stop in epoch 1, resume to step 56
-  BACKEND=gloo; GRID_BATCH=10; LOSS_MAX=0.6
+  EPOCHS=2; STOP=20  # 14 steps per epoch of 2 x 64: stop 6 steps into epoch 2, resume to step 28
+  RANKS=2; BACKEND=gloo; GRID_BATCH=10; LOSS_MAX=0.8
   BENCH_TRAIN="--steps 2 --warmup 1 --rows train_eager,train"
   BENCH_SAMPLE="--steps 2 --warmup 1 --sample_batch 10 --num_steps 3 --sample_timed_steps 2
     --rows train,sample_eager,sample"
@@ -116,12 +117,12 @@ if [ "$CALL" = 1 ]; then
   $PY scripts/gpu_check_report.py random-scorers "$WORK"  # nothing downloads: random Inception / classifier weights
   FEATURES="--fid_features classifier --eval_classifier $WORK/random_classifier.pt"
   [ "$CUDA" = 1 ] && [ "$HAVE_FID" = 1 ] && FEATURES="--inception_weights $WORK/random_inception.pth"
-  TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
-  step train $TORCHRUN train.py --dataset digits $MODEL --epoch $EPOCHS --max_steps $STOP --run_dir "$WORK/run" \
+  TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node"
+  step train $TORCHRUN=$RANKS train.py --dataset digits $MODEL --epoch $EPOCHS --max_steps $STOP --run_dir "$WORK/run" \
     --dist_backend $BACKEND --compile True --ddim True --num_steps 20 --genbatch $GRID_BATCH --sample_every 1000 \
     --interval 1 --log_every 2
-  step resume $TORCHRUN train.py --path_resume "$WORK/run" --dist_backend $BACKEND
-  step sample $TORCHRUN sample.py --path "$WORK/run" --epoch $EPOCHS --ddim True --num_steps 20 --genum $GENUM \
+  step resume $TORCHRUN=$RANKS train.py --path_resume "$WORK/run" --dist_backend $BACKEND
+  step sample $TORCHRUN=1 sample.py --path "$WORK/run" --epoch $EPOCHS --ddim True --num_steps 20 --genum $GENUM \
     --genbatch $GRID_BATCH --compile True --fid True $FEATURES --data_root "$WORK/data" --png False
   step bench $PY bench.py $MODEL $BENCH_TRAIN --json
   cp "$WORK/run/compile_cache.bin" "$OUT_DIR/" 2>/dev/null

@@ -91,7 +91,7 @@ def test_the_update_of_a_global_batch_does_not_depend_on_processes_or_micro_batc
     setup = TINY + ["--threshold", "0", "--droprate", "0", "--max_steps", "2", "--global_batch", "64"]
     finals = {}
     for procs, batch, compiled in ((1, 32, False), (2, 32, False), (2, 16, False), (2, 16, True), (2, 16, "buckets")):
-        out = tmp_path / f"{procs}x{batch}{compiled}"
+        out = tmp_path / f"{procs}x{batch}{'' if not compiled else 'c' if compiled is True else 'b'}"
         r = torchrun(out, setup + ["--batchsize", str(batch), "--run_dir", str(out / "run"), "--compile",
                                    str(bool(compiled))], procs=procs, KEYED_NOISE="1", COMPILE_BACKEND="eager",
                      **({"DDP_BUCKET_GRAPHS": "1"} if compiled == "buckets" else {}))

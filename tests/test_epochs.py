@@ -69,7 +69,7 @@ def test_every_epoch_reuses_the_one_compiled_network(trained, tmp_path, compiled
     records = run_sample(tmp_path / "run", clf, tmp_path, "all", "--compile", "True")
     # epoch 2's weights are loaded into the network compiled for epoch 1
     assert len(records) == 2 and compiled_graphs == ["noise", "network"]
-    assert [c["network"] for c in records[0]["compile"]] == ["per-image noise", "sampling network"]
+    assert [c["network"] for c in records[0]["compile"]] == ["per-image noise", "sampling step"]
 
 
 @pytest.mark.parametrize("spec,message", [("1,x", "--epoch must be a saved epoch, a comma list"),

@@ -38,8 +38,9 @@ def returned(out):
 
 def test_gpu_check_runs_both_calls_on_cpu_and_leaves_six_small_files(tmp_path, inductor_cache):
     # without a GPU the same steps run on tiny configs (the CUDA tests skip): this checks the script's plumbing and
-    # what would come back from the device: call 1 trains with compile on one process (torchrun), stops mid-epoch,
-    # resumes, samples, scores and benches; call 2 loads call 1's compile cache, benches sampling and profiles
+    # what would come back from the device: call 1 trains with compile around DDP on 2 gloo ranks, stops mid-epoch,
+    # resumes, samples, scores and benches; call 2 loads call 1's compile cache, benches sampling and profiles. It
+    # pays the suite's cold compile of the 2-rank loss, which the last test of this file reuses
     first = check(1, tmp_path / "out1", tmp_path / "work", inductor_cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert returned(tmp_path / "out1") == ["compile_cache.bin", "logs.txt", "metrics.jsonl", "report.json",

@@ -136,14 +136,14 @@ def test_a_failing_compile_says_so_once_and_trains_eager_like_an_uncompiled_run(
     train.main(train.build_parser().parse_args(TINY + ["--epoch", "1", "--compile", "True",
                                                        "--run_dir", str(tmp_path / "fallback")]))
     out = capsys.readouterr().out
-    # one line for the training step, one for the grids' noise and one for their sampling network, and a record
+    # one line for the training step, one for the grids' noise and one for their sampling step, and a record
     # of each
     assert out.count("failed (RuntimeError: C compiler not found); continuing eager") == 3
     records = [json.loads(line) for line in open(tmp_path / "fallback" / "metrics.jsonl")]
     assert [(r["network"], r["compiled"], r["reason"]) for r in records if r["event"] == "compile"] == [
         ("loss", False, "RuntimeError: C compiler not found"),
         ("per-image noise", False, "RuntimeError: C compiler not found"),
-        ("sampling network", False, "RuntimeError: C compiler not found")]
+        ("sampling step", False, "RuntimeError: C compiler not found")]
     a, b = (torch.load(tmp_path / r / "checkpoints" / "ckpt_1_checkpoint.pt", weights_only=True)["net"]
             for r in ("eager", "fallback"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -82,7 +82,7 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(tmp_path, 
                                                        "--compile_mode", "reduce-overhead",
                                                        "--run_dir", str(tmp_path / "run")]))
     # the training step, then at the grid the noise (always the default mode: its output is kept across calls)
-    # and the sampling network
+    # and the sampling step
     assert modes == ["reduce-overhead", None, "reduce-overhead"]
     r = run_program("train.py", TINY + ["--compile_mode", "fastest", "--results", str(tmp_path / "res")])
     assert r.returncode == 2 and "--compile_mode" in r.stderr and "Traceback" not in r.stderr
