@@ -33,7 +33,8 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0) -> Dist:
-    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU, or `backend`); LOCAL_RANK picks the GPU.
+    """Join the torchrun job if there is one, even of one process (NCCL on CUDA, gloo on CPU, or `backend`);
+    LOCAL_RANK picks the GPU.
 
     Under gloo, ranks beyond the visible GPUs share them (LOCAL_RANK modulo the count: a one-GPU machine can run a
     2-rank check); NCCL refuses two ranks on one card, so there it is one error line. `timeout_min` bounds every
@@ -63,7 +64,10 @@ def setup_distributed(device: str = "auto", backend: str = "auto", timeout_min: 
         dev = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(dev)
     control = None
-    if world > 1 and not dist.is_initialized():
+    # a torchrun job of one process joins a process group too, so that its model is wrapped in DDP as in a larger
+    # job (NCCL's and DDP's path on a one-GPU machine, as nanoGPT does); plain `python train.py` makes none
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         store, rank, world = next(dist.rendezvous("env://"))
         # torchrun's store outlives an elastic restart: each attempt's keys (the process groups' addresses, the
         # failure count) go under a prefix of their own, or a restarted rank would read a dead peer's address

@@ -47,12 +47,12 @@ ONE_DDP_GRAPH = True
 
 
 def wrap_ddp(loss: DiffusionLoss, d: Dist | None) -> nn.Module:
-    """One DistributedDataParallel around the whole loss when the job has several processes (both models'
-    gradients are all-reduced during backward); the loss itself in one process.
+    """One DistributedDataParallel around the whole loss in a torchrun job, of one process too (both models'
+    gradients are all-reduced during backward); the loss itself in a plain process.
 
     Gradients are views into DDP's buckets (no copy per step: 4-5% faster on 2 gloo ranks, docs/performance.md);
     the 25 MB buckets and a dynamic graph stay DDP's defaults, which measured no different there."""
-    if d is None or d.world == 1:
+    if d is None or d.control is None:
         return loss
     return DDP(loss, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
