@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from cli import UserError, append_line
+from datasets import read_png
 from distributed import Dist, StopSignal
 
 
@@ -53,7 +54,6 @@ class Board:
 
     def grid(self, path: str, step: int) -> None:
         """A sample grid PNG, under `samples`."""
-        from datasets import read_png
         self.writer.add_image("samples", read_png(path), step)
         self.writer.flush()
 

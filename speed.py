@@ -65,8 +65,8 @@ def compile_or_eager(module: torch.nn.Module, probe: Callable[[torch.nn.Module],
     torch.compile is lazy, so a missing compiler or an unsupported op would otherwise surface in the first real call,
     possibly on one rank only. The probe runs with the RNG forked and its gradients discarded, so the run that
     follows is the same as without it, and its time is the compile time. With CUDA graphs (reduce-overhead) it runs
-    three times (warm-up, record, replay), each from cleared gradients, so the graphs are captured inside it. A failure resets nothing global:
-    other networks' compiled graphs stay.
+    three times (warm-up, record, replay), each from cleared gradients, so the graphs are captured inside it. A
+    failure resets nothing global: other networks' compiled graphs stay.
     """
     # shapes are fixed; a symbolic-shape recompile takes minutes
     options = {"dynamic": False, "mode": None if mode == "default" else mode}

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from batches import ShardedBatches, StagedBatches
 from checkpoints import (TrainState, build_models, make_run_dir, read_resume, restore, run_models,
                          save_checkpoint)
 from cli import UserError, check_flags, run_cli
 from compat import Compat
-from datasets import ImageData, ShardedBatches, StagedBatches, load_dataset
+from datasets import ImageData, load_dataset
 from diffusion import GaussianDiffusion, make_betas
 from distributed import StopSignal, main_rank_first, seed_everything, setup_distributed, teardown_distributed
 from ema import EMA

@@ -2,7 +2,8 @@
 
     python train_classifier.py --dataset digits --image_size 16 --pretrained False --out proto.pt
     torchrun --standalone --nproc_per_node=gpu train_classifier.py --dataset cifar10 --out cifar10_proto.pt
-`--batchsize` is per device; `--global_batch` fixes the batch over all processes. Test accuracy: cifar10/stl10 test split, tiny-imagenet val/, digits a fixed 20%.
+`--batchsize` is per device; `--global_batch` fixes the batch over all processes. Test accuracy: cifar10/stl10
+test split, tiny-imagenet val/, digits a fixed 20%, image folders every tenth image of each class.
 """
 import argparse
 import os
@@ -13,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import save_atomic
-from datasets import DATASETS, ImageData, ShardedBatches, load_dataset, to_float
+from batches import ShardedBatches
+from datasets import DATASETS, ImageData, load_dataset, to_float
 from prototypes import FORMAT, PrototypeClassifier, class_statistics, dce_and_prototype_loss, imagenet_resnet18
 from cli import ANY, DEVICE, NATIVE_OR_SIZE, UserError, above, at_least, check_flags, one_of, run_cli, str2bool
 from distributed import main_rank_first, seed_everything, setup_distributed, teardown_distributed
@@ -125,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
     p.add_argument("--numworkers", type=int, default=4, help="threads that decode image folders")
     p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
-    p.add_argument("--crop", type=str2bool, default=True, help="image folders: resize the short side to --image_size and crop "
-                   "the centre, as ADM, DiT and EDM do (False: squash each image to a square; square images: the same)")
+    p.add_argument("--crop", type=str2bool, default=True, help="image folders: resize the short side to --image_size "
+                   "and crop the centre, as ADM, DiT and EDM do (False: squash each image to a square; square images: "
+                   "the same)")
     p.add_argument("--cdim", type=int, default=128, help="prototype / feature dimension D (the paper's 128)")
     p.add_argument("--scale", type=float, default=2.0, help="s in log_softmax(-s * distance)")
     p.add_argument("--pl_weight", type=float, default=0.01, help="weight of the prototype loss mean |f - c_y|^2")

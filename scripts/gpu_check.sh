@@ -46,7 +46,9 @@ if [ "${1:-}" = "--plan" ]; then
   done
   exit $fits
 fi
-[ "${1:-}" = "--call" ] && [[ "${2:-}" =~ ^[12]$ ]] || { echo "usage: gpu_check.sh --call 1|2, or --plan C" >&2; exit 2; }
+if [ "${1:-}" != "--call" ] || [[ ! "${2:-}" =~ ^[12]$ ]]; then
+  echo "usage: gpu_check.sh --call 1|2, or --plan C" >&2; exit 2
+fi
 CALL=$2
 OUT_DIR=${GPU_CHECK_OUT:-results/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
@@ -93,8 +95,10 @@ else
 fi
 
 T0=$SECONDS
-report() { $PY scripts/gpu_check_report.py report "$OUT_DIR" "$WORK" "$CALL" "$GENUM" "$LOSS_MAX" "$C" "$1" >/dev/null; }
-step() {  # step NAME CMD...: run under min(its limit, budget left), log to WORK/logs/NAME.log, then rewrite the report
+report() {  # report partial|final: rewrite OUT_DIR's files from what the call has done so far
+  $PY scripts/gpu_check_report.py report "$OUT_DIR" "$WORK" "$CALL" "$GENUM" "$LOSS_MAX" "$C" "$1"
+}
+step() {  # step NAME CMD...: run under min(its limit, budget left), log to WORK/logs/NAME.log, then report
   local name=$1; shift
   local limit left=$((BUDGET - (SECONDS - T0)))
   limit=$(($(limit "$CALL" "$name" "$C") * SCALE))
@@ -108,7 +112,7 @@ step() {  # step NAME CMD...: run under min(its limit, budget left), log to WORK
   fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >>"$WORK/steps.tsv"
   echo "   rc $rc, $((SECONDS - t0)) s"
-  report partial
+  report partial >/dev/null
 }
 echo "call $CALL; compile time C = $C s sets the limits (bash scripts/gpu_check.sh --plan $C)"
 
@@ -134,4 +138,4 @@ else
   cp "$WORK/profile/top_ops.txt" "$OUT_DIR/" 2>/dev/null
   step tests $PY -m pytest -q -rs -s tests/test_cuda.py tests/test_train_step.py -k "cuda or sync"
 fi
-$PY scripts/gpu_check_report.py report "$OUT_DIR" "$WORK" "$CALL" "$GENUM" "$LOSS_MAX" "$C" final
+report final

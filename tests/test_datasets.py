@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import DatasetError, ShardedBatches, load_dataset, resize_uint8, to_float, to_uint8
+from batches import ShardedBatches
+from datasets import DatasetError, load_dataset, resize_uint8, to_float, to_uint8
 
 
 def test_uint8_conversion_formula_and_round_trip():
@@ -118,7 +119,7 @@ def test_tiny_imagenet_path_is_the_root_or_the_originals_train_folder(tmp_path):
 
 
 def test_staged_batches_gather_each_batch_into_a_few_reused_buffers():
-    from datasets import StagedBatches
+    from batches import StagedBatches
     images = torch.randint(256, (50, 1, 4, 4), dtype=torch.uint8)
     staged = StagedBatches(images, 8, torch.device("cpu"), slots=3)
     buffers = [b.data_ptr() for b in staged.buffers]

@@ -92,8 +92,8 @@ def damage(path):
 CASES = {  # (how the folder is made, the words the error line must hold)
     "too few for a batch": (lambda f: write_folder(f, per_class=8), r"the 24 training images of {F} are fewer than "
                             r"one global batch of 256 .* --batchsize 24"),
-    "a damaged image": (lambda f: damage(write_folder(f) / "dog" / "1.png"), r"1 of the 12 images in {F} cannot be read, the first: "
-                        r"{F}/dog/1.png"),
+    "a damaged image": (lambda f: damage(write_folder(f) / "dog" / "1.png"),
+                        r"1 of the 12 images in {F} cannot be read, the first: {F}/dog/1.png"),
     "an empty class": (lambda f: os.makedirs(write_folder(f) / "emu"), r"class folder\(s\) emu of {F} hold no images"),
     "one class": (lambda f: write_folder(f, classes=("cat",)), r"{F} holds one class folder \(cat\)"),
     "no class folders": (lambda f: (os.makedirs(f), Image.new("RGB", (8, 8)).save(f / "0.png")),
@@ -109,9 +109,9 @@ def test_own_data_mistakes_are_one_line_naming_the_folder_or_file(tmp_path, tiny
     words = words.replace("{F}", re.escape(str(folder)))
     data = ["--dataset", "imagefolder", "--data_root", str(folder)]
     tiny = [a for a in tiny_args[2:] if a not in ("--batchsize", "64")]  # train.py's default batch of 256
+    classifier = data + ["--pretrained", "False", "--out", str(tmp_path / "c.pt")]
     for program, flags, out in (("train.py", data + tiny + ["--run_dir", str(tmp_path / "run")], tmp_path / "run"),
-                                ("train_classifier.py", data + ["--pretrained", "False", "--out", str(tmp_path / "c.pt")],
-                                 tmp_path / "c.pt")):
+                                ("train_classifier.py", classifier, tmp_path / "c.pt")):
         r = run_program(program, flags)
         line = words.replace("256", "128").replace("24 training", "21 training").replace("--batchsize 24",
                                                                                          "--batchsize 21") \

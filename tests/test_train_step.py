@@ -12,7 +12,8 @@ from conftest import ROOT, TINY, run_env, run_program
 
 import bench
 import train
-from datasets import ShardedBatches, load_dataset
+from batches import ShardedBatches
+from datasets import load_dataset
 from speed import resolve_fast_path
 
 
