@@ -28,7 +28,7 @@ from ema import EMA
 from embedding import ConditionalEmbedding
 from unet import Unet
 
-NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8}
+NATIVE_SIZE = {"cifar10": 32, "stl10": 96, "tiny-imagenet": 64, "digits": 8, "fashion_mnist": 28}
 
 
 def new_run_dir(results: str, mode: str, dataset: str) -> str:

@@ -6,6 +6,8 @@ a rule and tries each rule's bad value.
 """
 import argparse
 import errno
+import functools
+import hashlib
 import math
 import os
 import sys
@@ -16,6 +18,10 @@ from typing import Any, Callable
 
 class UserError(Exception):
     """A mistake the user can fix; reported as one `error:` line, without a traceback."""
+
+
+class DatasetError(UserError):
+    """The data is missing, unreadable, too small or cannot be downloaded; the message names the folder or file."""
 
 
 FAILED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a full disk or quota, a file-size limit
@@ -39,6 +45,21 @@ def write_atomic(path: str, write: Callable[[Any], None]) -> None:
             why = f"the write stopped part-way; is the disk or quota full? ({first})"
             raise OSError(errno.EIO, why, path) from None
         raise
+
+
+@functools.lru_cache
+def _sha1(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """The SHA-1 of a file's content in hex, read again only when its size or modification time changes."""
+    stat = os.stat(path)
+    return _sha1(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def append_line(path: str, text: str) -> None:

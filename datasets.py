@@ -2,9 +2,10 @@
 conversion; batches.py cuts them into each rank's batches.
 
 Names: cifar10, stl10, tiny-imagenet, imagefolder (any folder of class folders), digits (scikit-learn's bundled 8x8
-digits, one channel, works offline) and synthetic (random images for timing train.py; nothing to learn). Splits:
-`train`, `test`, and `all`, which is what the diffusion model trains on (stl10: labelled train + test merged as in
-the original; digits: all 1797 images).
+digits, one channel, works offline), fashion_mnist (28x28, one channel, offline from Debian's package: fashion_mnist.py)
+and synthetic (random images for timing train.py; nothing to learn). Splits: `train`, `test`, and `all`, which is
+what the diffusion model trains on (stl10: labelled train + test merged as in the original; digits: all 1797 images;
+cifar10 and fashion_mnist: the training split).
 """
 import functools
 import hashlib
@@ -20,14 +21,10 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms.functional import center_crop, resize
 
-from cli import UserError
+import fashion_mnist
+from cli import DatasetError
 
-DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits", "synthetic")
-NUM_CLASSES = {"cifar10": 10, "stl10": 10, "tiny-imagenet": 200, "digits": 10}
-
-
-class DatasetError(UserError):
-    """The data is missing, unreadable, too small or cannot be downloaded; the message names the folder or file."""
+DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagefolder", "digits", "fashion_mnist", "synthetic")
 
 
 @dataclass
@@ -107,9 +104,8 @@ class Pixels:
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """Square-resize a uint8 batch with antialiased bilinear filtering; a no-op at the native size."""
-    if size <= 0 or images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return resize(images, [size, size], antialias=True)
+    native = size <= 0 or images.shape[-1] == size and images.shape[-2] == size
+    return images if native else resize(images, [size, size], antialias=True)
 
 
 def fit_square(image: torch.Tensor, size: int, crop: bool = True) -> torch.Tensor:
@@ -146,8 +142,8 @@ def _digits(split: str) -> ImageData:
     from sklearn.datasets import load_digits
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8)[:, None]
-    labels = torch.from_numpy(d.target).long()
-    return held_out_split(ImageData(images, labels, [str(i) for i in range(10)]), split, every=5)  # 20% held out
+    data = ImageData(images, torch.from_numpy(d.target).long(), [str(i) for i in range(10)])
+    return held_out_split(data, split, every=5)  # 20% held out
 
 
 def held_out_split(data: ImageData, split: str, every: int) -> ImageData:
@@ -260,8 +256,7 @@ def _image_folder(folder: str, size: int, workers: int, cache_dir: str, crop: bo
 
 def _synthetic(size: int) -> ImageData:
     """50,000 uniform random RGB images (CIFAR10's count) in 10 classes, at `size` (native 32), from a fixed seed."""
-    size = size if size > 0 else 32
-    g = torch.Generator().manual_seed(0)
+    size, g = size if size > 0 else 32, torch.Generator().manual_seed(0)
     images = torch.randint(256, (50_000, 3, size, size), generator=g, dtype=torch.uint8)
     return ImageData(images, torch.arange(50_000) % 10, [str(i) for i in range(10)])
 
@@ -275,9 +270,8 @@ def _torchvision(cls, root: str, download: bool, how: str, **kwargs) -> torchvis
 
 
 def _cifar10(root: str, split: str, download: bool) -> ImageData:
-    how = "put the extracted cifar-10-batches-py folder there, or run once with internet access"
-    ds = _torchvision(torchvision.datasets.CIFAR10, os.path.join(root, "cifar10"), download, how,
-                      train=split != "test")
+    ds = _torchvision(torchvision.datasets.CIFAR10, os.path.join(root, "cifar10"), download, "put the extracted "
+                      "cifar-10-batches-py folder there, or run once with internet access", train=split != "test")
     return ImageData(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
 
 
@@ -331,6 +325,8 @@ def load_dataset(name: str, split: str = "all", data_root: str = "datasets", ima
         data = _synthetic(image_size)
     elif name == "cifar10":
         data = _cifar10(data_root, split, download)
+    elif name == "fashion_mnist":
+        data = ImageData(*fashion_mnist.load(data_root, "test" if split == "test" else "train", download))
     elif name == "stl10":
         data = _stl10(data_root, split, download)
     elif name == "tiny-imagenet":

@@ -5,7 +5,6 @@ between ranks. Used by sample.py (a saved run) and train.py (--fid_every during 
 agreed, recorded and skipped).
 """
 import argparse
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cli import UserError
+from cli import UserError, file_digest
 from datasets import DatasetError, folder_cache, folder_key, load_dataset, to_float
 from diffusion import GaussianDiffusion
 from distributed import AgreedFailure, Dist, broadcast_object, run_agreed
@@ -91,7 +90,7 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
     """Cache file of the training set's feature statistics for this (dataset, size, feature extractor)."""
     tag = features
     if features == "classifier":
-        tag += "-" + hashlib.sha1(open(path_proto, "rb").read()).hexdigest()[:10]
+        tag += "-" + file_digest(path_proto)[:10]
     if cfg["dataset"] != "imagefolder":
         return os.path.join(data_root, "fid_stats", f"{cfg['dataset']}_{cfg['image_size']}_{tag}.npz")
     # outside the class folders, named by what the folder holds now, so a changed folder gets statistics of its own
@@ -211,6 +210,8 @@ def fid_record(result: dict, scoring: Scoring, sampler: Sampler, T: int, epoch: 
               "eta": sampler.eta if sampler.ddim else None, "select": sampler.select if sampler.ddim else None,
               "w": sampler.w, "weights": weights, "compat": compat, "label": label, "seed": sampler.seed,
               "reference": os.path.abspath(scoring.reference), "features": features}
+    if scoring.features != "inception":  # which classifier, whatever path it is read from later
+        record["classifier_sha1"] = file_digest(scoring.classifier_file)[:12]
     record.update({k: result[k] for k in ("class_accuracy", "per_class") if k in result})
     return record
 

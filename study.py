@@ -61,6 +61,14 @@ def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
     for base in study["endpoints"].get("baselines", []):
         if base not in study["arms"]:
             raise UserError(f"endpoints.baselines names '{base}', which is not an arm ({', '.join(study['arms'])})")
+    ends = study["endpoints"]
+    if ends.get("pilot_seed") in study["train_seeds"]:
+        raise UserError(f"endpoints.pilot_seed {ends['pilot_seed']} is a training seed: the threshold needs another run")
+    for c in ends.get("comparisons", []):
+        arm, sep, base = c.partition(" - ")
+        if not sep or arm not in study["arms"] or base not in study["arms"]:
+            raise UserError(f"endpoints.comparisons: '{c}' is not 'ARM - BASELINE' of two arms "
+                            f"({', '.join(study['arms'])})")
     if arms:  # a baseline left out has no paired tables
         unknown = [a for a in arms if a not in study["arms"]]
         if unknown:
@@ -308,7 +316,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"study: stopped by {runner.stopped}; the same command continues", file=sys.stderr, flush=True)
         sys.exit(143 if runner.stopped == "SIGTERM" else 130)
     if task in (None, "finish", "report"):
-        print(write_report(study, runs), flush=True)
+        print(write_report(study, runs, eval_classifier_file(study)), flush=True)
     failed = {n: o for n, o in outcomes.items() if o.startswith("failed")}
     if failed:
         name, why = next(iter(failed.items()))

@@ -1,125 +1,26 @@
-"""A study's report: per arm the mean curve with a 95% band over training seeds; per evaluated epoch each arm's
-difference to each baseline arm, paired by training seed, with a 95% t interval and a paired bootstrap interval and
-the number of seeds it is ahead on; the declared endpoints (epochs to an FID threshold, interpolated on log-epochs,
-as a ratio to the baseline; the mean FID over the early epochs); class 0 apart from the other classes. Markdown,
-JSON and a plot, rebuilt from the runs' metrics.jsonl at any time (a part-way study gives a part-way report).
+"""A study's report, rebuilt from the runs' metrics.jsonl at any time (a part-way study gives a part-way report):
+first the declared tests (each endpoint for each declared comparison: the paired estimate with its 95% t interval,
+the seeds ahead, the exact sign-flip p-value, Holm's correction across all of them and the equivalence test against
+the declared margin), then, exploratory, each arm's curve with a 95% band over training seeds and each arm's paired
+difference to each baseline at every scored point; class 0 apart from the other classes (per-class KID, unbiased at
+the few images a class gets). Markdown, JSON and a plot. The statistics: study_stats.py.
 
 A training seed fixes the initial weights, the data order and the training noise in every arm, so the seed is the
-unit of pairing and of resampling; an arm trained with several classifier seeds counts their mean per training seed.
+unit of pairing and of the permutation test; an arm trained with several classifier seeds counts their mean per
+training seed. Which records are the study's: study_records.py.
 """
 import json
 import math
 import os
 
 import numpy as np
-from scipy.special import stdtrit  # the Student t quantile (scipy.stats would cost a second to import)
 
 from cli import write_atomic
+from study_records import METRICS, collect
+from study_stats import censored_log_ratio, early_mean, equivalence, holm, smallest_p, summary, t_interval, \
+    time_to_reach
 
-LEVEL = 0.95
-RESAMPLES = 10_000
-# metric key -> (label, lower is better); the per-class figures are FID in narrow feature spaces, else KID
-METRICS = {"fid": ("FID", True), "accuracy": ("class accuracy %", False),
-           "fid_class0": ("class 0: FID/KID", True), "accuracy_class0": ("class 0: accuracy %", False),
-           "fid_others": ("other classes: FID/KID (mean)", True),
-           "accuracy_others": ("other classes: accuracy % (mean)", False)}
-
-
-def t_interval(x: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """Student-t interval of the mean of x (nan when fewer than two values)."""
-    x = np.asarray(x, dtype=float)
-    if len(x) < 2:
-        return math.nan, math.nan
-    half = stdtrit(len(x) - 1, (1 + level) / 2) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def bootstrap_interval(x: np.ndarray, level: float = LEVEL, resamples: int = RESAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the mean of x over `resamples` resamples with replacement (Efron & Tibshirani 1993,
-    ch. 13); of paired differences this is the paired bootstrap over seeds. nan when fewer than two values."""
-    x = np.asarray(x, dtype=float)
-    if len(x) < 2:
-        return math.nan, math.nan
-    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def summary(x: np.ndarray, lower_is_better: bool) -> dict:
-    """n, mean, both intervals and the seeds ahead (below zero for a lower-is-better metric) of differences x."""
-    x = np.asarray(x, dtype=float)
-    ahead = int((x < 0).sum() if lower_is_better else (x > 0).sum())
-    return {"n": len(x), "mean": float(x.mean()) if len(x) else math.nan, "t": t_interval(x),
-            "bootstrap": bootstrap_interval(x), "ahead": ahead}
-
-
-def epochs_to_reach(curve: dict[int, float], threshold: float) -> float | None:
-    """The epoch at which an FID curve first reaches `threshold`, linear in log-epoch between the evaluation
-    before and the first at or below it; None when it never does."""
-    points = sorted(curve.items())
-    for k, (epoch, value) in enumerate(points):
-        if value <= threshold:
-            if k == 0:
-                return float(epoch)
-            (e0, v0) = points[k - 1]
-            frac = (v0 - threshold) / (v0 - value)
-            return float(math.exp(math.log(e0) + frac * (math.log(epoch) - math.log(e0))))
-    return None
-
-
-def early_mean(curve: dict[int, float], until: int) -> float | None:
-    """Area under an FID curve over log-epoch from its first evaluation to `until`, divided by that log-range: the
-    curve's mean over the early epochs, each doubling of epochs weighted alike. None without two points there."""
-    points = sorted((e, v) for e, v in curve.items() if e <= until)
-    if len(points) < 2:
-        return None
-    x = np.log([e for e, _ in points])
-    y = np.array([v for _, v in points])
-    return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))
-
-
-def record_values(record: dict) -> dict[str, float]:
-    """The metrics of one fid record: FID, class accuracy and, with per-class figures, class 0 and the rest."""
-    out = {"fid": record["value"]}
-    if "class_accuracy" in record:
-        out["accuracy"] = 100 * record["class_accuracy"]
-    figures = record.get("per_class")
-    if figures and figures.get("classes", [0])[0] == 0 and len(figures.get("classes", [])) > 1:
-        for key, name in (("fid", "fid" if "fid" in figures else "kid"), ("accuracy", "class_accuracy")):
-            values = [math.nan if v is None else v * (100 if key == "accuracy" else 1) for v in figures.get(name, [])]
-            if values:
-                out[f"{key}_class0"], out[f"{key}_others"] = values[0], float(np.nanmean(values[1:]))
-    return out
-
-
-def read_run(run_dir: str, evaluation: dict) -> dict[int, dict[str, float]]:
-    """{epoch: metrics} of a run's fid records made by this evaluation (image count, w, sampling seed)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    curve = {}
-    if not os.path.isfile(path):
-        return curve
-    for line in open(path):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a crash
-            continue
-        if r.get("event") == "fid" and r.get("n") == evaluation["images"] and \
-                r.get("w") == evaluation.get("w", 1.8) and r.get("seed") == evaluation.get("seed", 0):
-            curve[r["epoch"]] = record_values(r)
-    return curve
-
-
-def collect(runs: list, evaluation: dict) -> dict:
-    """{metric: {arm: {training seed: {epoch: value}}}}, the mean over classifier seeds present at an epoch."""
-    by_seed = {}
-    for task in runs:
-        for epoch, values in read_run(task.run_dir, evaluation).items():
-            for metric, v in values.items():
-                by_seed.setdefault(metric, {}).setdefault(task.arm, {}).setdefault(task.seed, {}) \
-                    .setdefault(epoch, []).append(v)
-    return {m: {a: {s: {e: float(np.mean(v)) for e, v in c.items()} for s, c in seeds.items()}
-                for a, seeds in arms.items()} for m, arms in by_seed.items()}
+ENDPOINTS = {"steps_to_threshold": "steps to the threshold (ratio)", "early_mean": "early mean"}
 
 
 def paired(data: dict, arm: str, base: str, epoch: int) -> np.ndarray:
@@ -128,22 +29,52 @@ def paired(data: dict, arm: str, base: str, epoch: int) -> np.ndarray:
     return np.array([a[s][epoch] - b[s][epoch] for s in sorted(a) if s in b and epoch in a[s] and epoch in b[s]])
 
 
-def fmt(s: dict, digits: int) -> str:
-    """'mean [t lo, hi] [boot lo, hi] k/n' of a summary."""
-    if s["n"] == 0:
-        return "-"
-    if s["n"] < 2:
-        return f"{s['mean']:+.{digits}f} (n 1)"
-    (tl, th), (bl, bh) = s["t"], s["bootstrap"]
-    return (f"{s['mean']:+.{digits}f} [{tl:+.{digits}f}, {th:+.{digits}f}] [{bl:+.{digits}f}, {bh:+.{digits}f}] "
-            f"{s['ahead']}/{s['n']}")
+def comparisons(study: dict) -> list[tuple[str, str]]:
+    """The declared (arm, baseline) pairs: endpoints.comparisons ("arm - baseline"), else every other arm against
+    every baseline."""
+    arms, bases = list(study["arms"]), [b for b in study["endpoints"].get("baselines", []) if b in study["arms"]]
+    declared = study["endpoints"].get("comparisons")
+    if declared is None:
+        return [(a, b) for b in bases for a in arms if a not in bases or arms.index(a) > arms.index(b)]
+    pairs = [tuple(x.strip() for x in c.split(" - ")) for c in declared]
+    return [(a, b) for a, b in pairs if a in arms and b in arms]
+
+
+def declared_tests(study: dict, fid: dict) -> tuple[dict, list[dict]]:
+    """Each declared endpoint per run, and its tests for every declared comparison with Holm's adjustment."""
+    ends, arms = study["endpoints"], list(study["arms"])
+    threshold, until, margin = ends.get("fid_threshold"), ends.get("early_until"), ends.get("equivalence", {})
+    per_run, tests = {}, []
+    if threshold is not None:
+        per_run["steps_to_threshold"] = {a: {s: time_to_reach(c, threshold) for s, c in fid.get(a, {}).items()}
+                                         for a in arms}
+    if until:
+        per_run["early_mean"] = {a: {s: early_mean(c, until) for s, c in fid.get(a, {}).items()} for a in arms}
+    for endpoint, runs in per_run.items():
+        for a, b in comparisons(study):
+            if endpoint == "steps_to_threshold":
+                s = censored_log_ratio(runs[a], runs[b])
+                m = margin.get("ratio")
+                eq = equivalence(np.array(s["logs"]), -math.log(m), math.log(m)) if m else None
+                if eq:
+                    eq["interval"] = tuple(math.exp(v) for v in eq["interval"])
+                    eq["margin"] = (1 / m, m)
+            else:
+                x = np.array([runs[a][k] - runs[b][k] for k in sorted(runs[a]) if k in runs[b]
+                              and runs[a][k] is not None and runs[b][k] is not None])
+                s, m = summary(x, True), margin.get("early_mean")
+                eq = equivalence(x, -m, m) if m else None
+            tests.append({"endpoint": endpoint, "arm": a, "baseline": b, **s, "equivalence": eq})
+    for t, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        t["holm"] = adjusted
+    return per_run, tests
 
 
 def analyse(study: dict, data: dict) -> dict:
-    """Every number of the report: curves, paired differences and endpoints."""
+    """Every number of the report: the declared tests, curves and paired differences."""
     arms = list(study["arms"])
     bases = [b for b in study["endpoints"].get("baselines", []) if b in arms]
-    out = {"arms": arms, "baselines": bases, "curves": {}, "paired": {}, "endpoints": {}}
+    out = {"arms": arms, "baselines": bases, "curves": {}, "paired": {}}
     for metric, per_arm in data.items():
         lower = METRICS[metric][1]
         epochs = sorted({e for seeds in per_arm.values() for c in seeds.values() for e in c})
@@ -152,33 +83,8 @@ def analyse(study: dict, data: dict) -> dict:
                                                                   if e in c])} for a in arms}
         out["paired"][metric] = {b: {a: {e: summary(d, lower) for e in epochs if len(d := paired(per_arm, a, b, e))}
                                      for a in arms if a != b} for b in bases}
-    fid = data.get("fid", {})
-    threshold, until = study["endpoints"].get("fid_threshold"), study["endpoints"].get("early_until")
-    reach = {a: {s: epochs_to_reach(c, threshold) for s, c in fid.get(a, {}).items()} for a in arms} \
-        if threshold is not None else {}
-    early = {a: {s: early_mean(c, until) for s, c in fid.get(a, {}).items()} for a in arms} if until else {}
-    ends = out["endpoints"]
-    if reach:
-        ends["epochs_to_threshold"] = {"threshold": threshold, "per_seed": reach, "ratio": {
-            b: {a: summary_log_ratio(reach[a], reach[b]) for a in arms if a != b} for b in bases}}
-    if early:
-        ends["early_mean_fid"] = {"until": until, "per_seed": early, "paired": {
-            b: {a: summary(np.array([early[a][s] - early[b][s] for s in sorted(early[a]) if s in early[b]
-                                     and early[a][s] is not None and early[b][s] is not None]), True)
-                for a in arms if a != b} for b in bases}}
+    out["per_run"], out["tests"] = declared_tests(study, data.get("fid", {}))
     return out
-
-
-def summary_log_ratio(arm: dict, base: dict) -> dict:
-    """Per seed arm / base epochs-to-threshold (seeds where both reach it), summarised on log scale: the geometric
-    mean ratio and both intervals, exponentiated; below 1 means fewer epochs."""
-    logs = np.array([math.log(arm[s] / base[s]) for s in sorted(arm) if s in base and arm[s] and base[s]])
-    s = summary(logs, True)
-    s["mean"] = math.exp(s["mean"]) if len(logs) else math.nan
-    s["t"] = tuple(math.exp(v) for v in s["t"])
-    s["bootstrap"] = tuple(math.exp(v) for v in s["bootstrap"])
-    s["never"] = {"arm": sum(v is None for v in arm.values()), "baseline": sum(v is None for v in base.values())}
-    return s
 
 
 def label(metric: str, study: dict) -> str:
@@ -187,64 +93,101 @@ def label(metric: str, study: dict) -> str:
     return METRICS[metric][0].replace("FID", name)
 
 
-def markdown(study: dict, result: dict) -> str:
-    """The report's tables."""
-    arms, bases, ev, ends = result["arms"], result["baselines"], study["evaluation"], study["endpoints"]
-    fid = label("fid", study)
-    lines = [f"# Study {study['path']}: {study['dataset']}", "",
-             f"Arms: {', '.join(f'`{a}` ({f})' for a, f in study['arms'].items())}.",
-             f"Training seeds {study['train_seeds']}, classifier seeds {study.get('classifier_seeds', [0])} "
-             f"(evaluation classifier seed {study['eval_classifier']['seed']}); {ev['images']} images per "
-             f"evaluation ({ev.get('features', 'inception')} features, w {ev.get('w', 1.8)}, sampling seed "
-             f"{ev.get('seed', 0)}, `{ev.get('sampler', '')}`). Declared endpoints: epochs to {fid} <= "
-             f"{ends.get('fid_threshold')} (log-epoch interpolation; ratio to each baseline), mean {fid} over "
-             f"log-epochs up to epoch {ends.get('early_until')}.",
-             "Cells: mean [95% t interval] [95% paired bootstrap interval] seeds ahead/n; curves: mean [95% t band] "
-             "(n). Differences are arm minus baseline, paired by training seed.", ""]
-    for metric, per_arm in result["curves"].items():
-        digits = 1 if "accuracy" in metric else 3
-        epochs = sorted({e for c in per_arm.values() for e in c})
-        lines += [f"## {label(metric, study)}: mean over seeds", "", "| epoch | " + " | ".join(arms) + " |",
-                  "|---" * (len(arms) + 1) + "|"]
-        for e in epochs:
-            cells = [f"{c[e]['mean']:.{digits}f} [{c[e]['t'][0]:.{digits}f}, {c[e]['t'][1]:.{digits}f}] ({c[e]['n']})"
-                     if e in (c := per_arm[a]) else "-" for a in arms]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        for base, per in result["paired"][metric].items():
-            others = [a for a in arms if a != base]
-            lines += ["", f"### {label(metric, study)}: arm minus `{base}`", "",
-                      "| epoch | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
-            for e in epochs:
-                lines.append(f"| {e} | " + " | ".join(fmt(per[a][e], digits) if e in per[a] else "-"
-                                                      for a in others) + " |")
-        lines.append("")
-    reach = result["endpoints"].get("epochs_to_threshold")
-    if reach:
-        lines += [f"## Endpoint 1: epochs to {fid} <= {reach['threshold']}", "", "| arm | per seed | ratio to " +
-                  " | ratio to ".join(f"`{b}`" for b in bases) + " |", "|---" * (len(bases) + 2) + "|"]
-        for a in arms:
-            per_seed = ", ".join("never" if v is None else f"{v:.1f}" for _, v in sorted(reach["per_seed"][a].items()))
-            ratios = [ratio_cell(reach["ratio"][b][a]) if a != b else "1" for b in bases]
-            lines.append(f"| {a} | {per_seed or '-'} | " + " | ".join(ratios) + " |")
-        lines.append("")
-    early = result["endpoints"].get("early_mean_fid")
-    if early:
-        lines += [f"## Endpoint 2: mean {fid} over log-epochs up to epoch {early['until']}", "",
-                  "| arm | per seed | minus " + " | minus ".join(f"`{b}`" for b in bases) + " |",
-                  "|---" * (len(bases) + 2) + "|"]
-        for a in arms:
-            per_seed = ", ".join("-" if v is None else f"{v:.3f}" for _, v in sorted(early["per_seed"][a].items()))
-            lines.append(f"| {a} | {per_seed or '-'} | " + " | ".join(
-                fmt(early["paired"][b][a], 3) if a != b else "0" for b in bases) + " |")
-    return "\n".join(lines) + "\n"
+def fmt(s: dict, digits: int) -> str:
+    """'mean [t lo, hi] k/n' of a summary, with the bootstrap interval from BOOTSTRAP_MIN seeds on."""
+    if s["n"] == 0:
+        return "-"
+    if s["n"] < 2:
+        return f"{s['mean']:+.{digits}f} (n 1)"
+    boot = f" [{s['bootstrap'][0]:+.{digits}f}, {s['bootstrap'][1]:+.{digits}f}]" if s.get("bootstrap") else ""
+    return f"{s['mean']:+.{digits}f} [{s['t'][0]:+.{digits}f}, {s['t'][1]:+.{digits}f}]{boot} {s['ahead']}/{s['n']}"
+
+
+def time_cell(run: tuple[float, str] | None) -> str:
+    if run is None:
+        return "-"
+    return {"reached": f"{run[0]:.1f}", "never": f">{run[0]:g}", "at first": f"<={run[0]:g}"}[run[1]]
+
+
+def test_rows(study: dict, result: dict) -> list[str]:
+    """The declared tests' table."""
+    tests = result["tests"]
+    n = max((t["n"] for t in tests), default=0)
+    most = math.ceil(0.05 / smallest_p(n)) - 1 if n else 0
+    lines = [f"## Declared tests: {len(tests)}, Holm-corrected across all of them", "",
+             f"Sign-flip p-values are exact (all 2^n sign patterns); with {n} seeds the smallest is "
+             f"{smallest_p(n):.4f}, so a Holm-adjusted p below 0.05 needs at most {most} tests. Equivalence: two one-sided t tests at 5% against the declared margin (the 90% t interval "
+             "inside it).", "", "| endpoint | arm - baseline | estimate [95% t] seeds ahead/n | censored (never, at "
+             "first: arm; baseline) | sign-flip p | Holm p | equivalence (90% t interval in margin) |",
+             "|---|---|---|---|---|---|---|"]
+    for t in tests:
+        ratio = t["endpoint"] == "steps_to_threshold"
+        estimate = ratio_cell(t) if ratio else fmt(t, 3)
+        cens = "; ".join(f"{c['never']}, {c['at first']}" for c in t["censored"].values()) if ratio else "-"
+        eq = t["equivalence"]
+        eq_cell = "no margin declared" if not eq else (
+            f"{'shown' if eq['shown'] else 'not shown'}: [{eq['interval'][0]:.3f}, {eq['interval'][1]:.3f}] in "
+            f"({eq['margin'][0]:.3f}, {eq['margin'][1]:.3f}), p {eq['p']:.3f}")
+        lines.append(f"| {ENDPOINTS[t['endpoint']]} | `{t['arm']}` - `{t['baseline']}` | {estimate} | {cens} | "
+                     f"{t['p']:.4f} | {t['holm']:.4f} | {eq_cell} |")
+    return lines + [""]
 
 
 def ratio_cell(s: dict) -> str:
-    never = f"; never: arm {s['never']['arm']}, baseline {s['never']['baseline']}" if any(s["never"].values()) else ""
     if s["n"] < 2:
-        return (f"{s['mean']:.2f} (n {s['n']})" if s["n"] else "-") + never
-    return (f"{s['mean']:.2f} [{s['t'][0]:.2f}, {s['t'][1]:.2f}] [{s['bootstrap'][0]:.2f}, {s['bootstrap'][1]:.2f}] "
-            f"{s['ahead']}/{s['n']}{never}")
+        return f"{s['mean']:.2f} (n {s['n']})" if s["n"] else "-"
+    boot = f" [{s['bootstrap'][0]:.2f}, {s['bootstrap'][1]:.2f}]" if s.get("bootstrap") else ""
+    return f"{s['mean']:.2f} [{s['t'][0]:.2f}, {s['t'][1]:.2f}]{boot} {s['ahead']}/{s['n']}"
+
+
+def markdown(study: dict, result: dict, read: dict) -> str:
+    """The report's tables: the declared tests first, then the endpoints per run, then the exploratory tables."""
+    arms, ends = result["arms"], study["endpoints"]
+    fid, x = label("fid", study), study.get("axis", "epoch")
+    e = read["expected"]
+    lines = [f"# Study {study['path']}: {study['dataset']}", "",
+             f"Arms: {', '.join(f'`{a}` ({f})' for a, f in study['arms'].items())}.",
+             f"Training seeds {study['train_seeds']}, classifier seeds {study.get('classifier_seeds', [0])} "
+             f"(evaluation classifier seed {study['eval_classifier']['seed']}). Evaluation: {e['n']} images, "
+             f"{e['features']} features (scored by {read['scorer']}), {e['sampler']} {e['steps']} steps, w {e['w']}, "
+             f"{e['weights']} weights, sampling seed {e['seed']}; {read['used']} records of it read, "
+             f"{read['left_out']} of other evaluations left out.",
+             f"Declared endpoints: {x}s to {fid} <= {ends.get('fid_threshold')} (threshold from "
+             f"{ends.get('threshold_from', 'the study file: no pilot named')}; the non-increasing fit of each curve "
+             f"up to its lowest point, interpolated on log-{x}s; runs that never reach it censored at the last "
+             f"evaluation, runs already there at the first), ratio to the baseline; mean {fid} over log-{x}s up to "
+             f"{x} {ends.get('early_until')}. Equivalence margins: {ends.get('equivalence') or 'none declared'}.", ""]
+    lines += test_rows(study, result)
+    reach, early = result["per_run"].get("steps_to_threshold"), result["per_run"].get("early_mean")
+    if reach or early:
+        lines += ["## The endpoints per training seed", "", f"| arm | {x}s to {fid} <= {ends.get('fid_threshold')} "
+                  f"| mean {fid} up to {x} {ends.get('early_until')} |", "|---|---|---|"]
+        for a in arms:
+            r = ", ".join(time_cell(v) for _, v in sorted((reach or {}).get(a, {}).items())) or "-"
+            m = ", ".join("-" if v is None else f"{v:.3f}" for _, v in sorted((early or {}).get(a, {}).items())) or "-"
+            lines.append(f"| {a} | {r} | {m} |")
+        lines.append("")
+    lines += ["## Exploratory: every scored point, no multiplicity correction", "",
+              "Cells: mean [95% t interval] seeds ahead/n (a percentile bootstrap interval after it from 10 seeds on); "
+              "curves: mean [95% t band] (n). Differences are arm minus baseline, paired by training seed.", ""]
+    for metric, per_arm in result["curves"].items():
+        digits = 1 if "accuracy" in metric else 4 if "kid" in metric else 3
+        points = sorted({p for c in per_arm.values() for p in c})
+        lines += [f"### {label(metric, study)}: mean over seeds", "", f"| {x} | " + " | ".join(arms) + " |",
+                  "|---" * (len(arms) + 1) + "|"]
+        for p in points:
+            cells = [f"{c[p]['mean']:.{digits}f} [{c[p]['t'][0]:.{digits}f}, {c[p]['t'][1]:.{digits}f}] ({c[p]['n']})"
+                     if p in (c := per_arm[a]) else "-" for a in arms]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        for base, per in result["paired"][metric].items():
+            others = [a for a in arms if a != base]
+            lines += ["", f"#### {label(metric, study)}: arm minus `{base}`", "",
+                      f"| {x} | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
+            for p in points:
+                lines.append(f"| {p} | " + " | ".join(fmt(per[a][p], digits) if p in per[a] else "-"
+                                                      for a in others) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def plot(study: dict, result: dict, path: str) -> None:
@@ -290,17 +233,16 @@ def plot(study: dict, result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(study: dict, runs: list) -> str:
+def write_report(study: dict, runs: list, classifier_file: str | None = None) -> str:
     """Write OUT/report.md, report.json and report.png from the runs' metrics; returns a line naming them."""
-    data = collect(runs, study["evaluation"])
+    data, read = collect(runs, study, classifier_file)
     result = analyse(study, data)
-    text = markdown(study, result)
+    text = markdown(study, result, read)
     out = study["out"]
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "report.md"), lambda f: f.write(text.encode()))
     write_atomic(os.path.join(out, "report.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     if result["curves"]:
         plot(study, result, os.path.join(out, "report.png"))
-    scored = sum(bool(read_run(t.run_dir, study["evaluation"])) for t in runs)
-    return (f"report of {scored}/{len(runs)} runs with scores -> {out}/report.md, report.json" +
+    return (f"report of {read['scored_runs']}/{len(runs)} runs with scores -> {out}/report.md, report.json" +
             (", report.png" if result["curves"] else ""))

@@ -12,6 +12,8 @@ import signal
 import sys
 import time
 
+from cli import file_digest
+
 program, args = sys.argv[1], sys.argv[2:]
 flag = {k: v for k, v in zip(args, args[1:]) if k.startswith("--")}
 if program == "train_classifier.py":
@@ -38,4 +40,8 @@ elif program == "sample.py":
         with open(metrics, "w") as f:
             for epoch in (1, 2):
                 f.write(json.dumps({"event": "fid", "epoch": epoch, "value": 10 / epoch, "n": int(flag["--genum"]),
-                                    "w": float(flag["--w"]), "seed": int(flag["--seed"])}) + "\n")
+                                    "w": float(flag["--w"]), "seed": int(flag["--seed"]), "sampler": "ddim",
+                                    "steps": int(flag["--num_steps"]), "eta": 0.0, "select": "linear",
+                                    "weights": "ema", "label": "range",
+                                    "features": f"classifier {os.path.abspath(flag['--eval_classifier'])}",
+                                    "classifier_sha1": file_digest(flag["--eval_classifier"])[:12]}) + "\n")

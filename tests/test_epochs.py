@@ -11,7 +11,8 @@ from conftest import TINY
 
 import plot_fid
 import sample
-import study_report
+import study_records
+from study_run import Task
 import train
 from fid import (REF_PER_CLASS, FeatureStats, dataset_stats, frechet_distance, kernel_distance,
                  load_or_make_reference, read_reference)
@@ -181,11 +182,17 @@ def test_one_class_curve_in_plot_fid_and_class_0_apart_in_a_study_report(trained
     plot_fid.main(plot_fid.build_parser().parse_args([str(tmp_path / "run"), "--class_index", "3",
                                                       "--out", str(tmp_path / "c3.png")]))
     assert (tmp_path / "c3.png").stat().st_size > 0
-    curve = study_report.read_run(str(tmp_path / "run"), {"images": 20, "w": 1.8, "seed": 0})
-    assert sorted(curve) == [r["epoch"] for r in records]
+    study = {"evaluation": {"images": 20, "w": 1.8, "seed": 0, "sampler": "--ddim True --num_steps 3 --genbatch 8",
+                            "features": "classifier"}}  # what run_sample ran: its records are the study's
+    task = Task("run", [], "run", arm="a", seed=0, run_dir=str(tmp_path / "run"))
+    data, read = study_records.collect([task], study, str(clf))
+    assert read["left_out"] == 0 and sorted(data["fid"]["a"][0]) == [r["epoch"] for r in records]
     for r in records:
         per = r["per_class"]
-        assert curve[r["epoch"]]["fid_class0"] == per["fid"][0]
-        assert curve[r["epoch"]]["accuracy_others"] == pytest.approx(100 * np.mean(per["class_accuracy"][1:]))
+        assert data["kid_class0"]["a"][0][r["epoch"]] == per["kid"][0]
+        assert data["accuracy_others"]["a"][0][r["epoch"]] == pytest.approx(100 * np.mean(per["class_accuracy"][1:]))
+    other = study_records.collect([task], study | {"evaluation": study["evaluation"] | {"sampler": "--ddim True"}},
+                                  str(clf))[1]
+    assert other["used"] == 0 and other["left_out"] == len(records)  # DDIM-50 is another evaluation
     with pytest.raises(UserError, match="not a class"):
         plot_fid.fid_curve(str(tmp_path / "run"), 10)

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, TINY, run_env
 
 ENTRY_POINTS = ["train", "sample", "bench", "evaluate", "fid", "train_classifier", "structure", "plot_fid",
-                "study", "study_report", "study_run", "prototypes", "checkpoints"]
+                "study", "study_report", "study_records", "study_stats", "study_run", "prototypes", "checkpoints",
+                "fashion_mnist"]
 
 
 @pytest.fixture(scope="module")

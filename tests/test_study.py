@@ -171,8 +171,8 @@ def test_a_stopped_study_continues_with_the_same_command_and_reports(tmp_path):
     assert f"resumed at step {stopped_at}" in log.read_text()  # the same command continued the run
     assert "report of 2/2 runs with scores" in r.stdout
     result = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["2"] | {"t": 0, "bootstrap": 0} == {
-        "n": 1, "mean": 0.0, "ahead": 0, "t": 0, "bootstrap": 0}
+    assert result["paired"]["fid"]["regular"]["regular_padding_idx"]["2"] | {"t": 0} == {
+        "n": 1, "mean": 0.0, "ahead": 0, "t": 0, "bootstrap": None, "p": 1.0}
 
 
 def test_the_array_task_script_requeues_its_own_task_at_the_time_limit(tmp_path):
