@@ -124,11 +124,23 @@ def saved_epochs(path: str) -> list[int]:
                    if (m := re.fullmatch(r"ckpt_(\d+)_checkpoint\.pt|weights_(\d+)\.pt", f))})
 
 
-def epoch_state(path: str, epoch: int, weights: str | None) -> tuple[dict, str]:
-    """(checkpoint or weights file, weights to use) of a run dir's saved epoch; `weights` None means EMA when saved."""
+def saved_steps(path: str) -> list[int]:
+    """The global steps a run dir can sample (weights_step_{step}.pt, written at train.py --save_steps), in order."""
+    names = (os.path.basename(f) for f in glob.glob(os.path.join(path, "checkpoints", "weights_step_*.pt")))
+    return sorted(int(m.group(1)) for f in names if (m := re.fullmatch(r"weights_step_(\d+)\.pt", f)))
+
+
+def epoch_state(path: str, epoch: int, weights: str | None, step: int | None = None) -> tuple[dict, str]:
+    """(checkpoint or weights file, weights to use) of a run dir's saved epoch, or with `step` its saved global
+    step; `weights` None means EMA when saved."""
     if not os.path.isdir(path):
         raise UserError(f"--path {path} is not a directory")
     ckpt_path = os.path.join(path, "checkpoints", f"ckpt_{epoch}_checkpoint.pt")
+    if step is not None:
+        ckpt_path = os.path.join(path, "checkpoints", f"weights_step_{step}.pt")
+        if not os.path.isfile(ckpt_path):
+            raise UserError(f"no weights for step {step} in {path}/checkpoints; saved steps (train.py --save_steps): "
+                            f"{', '.join(map(str, saved_steps(path))) or 'none'}")
     if not os.path.isfile(ckpt_path):
         ckpt_path = os.path.join(path, "checkpoints", f"weights_{epoch}.pt")
     if not os.path.isfile(ckpt_path):
@@ -146,21 +158,26 @@ def epoch_state(path: str, epoch: int, weights: str | None) -> tuple[dict, str]:
     return state, weights
 
 
-def load_run(path: str, epoch: int, weights: str | None) -> tuple[Unet, ConditionalEmbedding, dict, str]:
-    """(net, cemblayer, config, weights used) of a run dir at a saved epoch; `weights` None means EMA if saved."""
-    state, weights = epoch_state(path, epoch, weights)
+def load_run(path: str, epoch: int, weights: str | None, step: int | None = None
+             ) -> tuple[Unet, ConditionalEmbedding, dict, str]:
+    """(net, cemblayer, config, weights used) of a run dir at a saved epoch (or step); `weights` None means EMA if
+    saved."""
+    state, weights = epoch_state(path, epoch, weights, step)
     net, cemblayer, cfg = run_models(path, state, weights)
     return net.eval(), cemblayer.eval(), cfg, weights
 
 
-def load_epoch(net: Unet, cemblayer: ConditionalEmbedding, path: str, epoch: int, weights: str | None) -> dict:
-    """Copy a saved epoch's weights into the models in place (a compiled network keeps its graph); returns the
-    checkpoint's position: epoch, global_step (None for the original code's files) and the weights used."""
-    state, used = epoch_state(path, epoch, weights)
+def load_epoch(net: Unet, cemblayer: ConditionalEmbedding, path: str, epoch: int, weights: str | None,
+               step: int | None = None) -> dict:
+    """Copy a saved epoch's (or with `step` a saved step's) weights into the models in place (a compiled network
+    keeps its graph); returns the position: epoch (of a step, the epochs it has trained, a fraction), global_step
+    (None for the original code's files) and the weights used."""
+    state, used = epoch_state(path, epoch, weights, step)
     source = state["ema"] if used == "ema" else state
     net.load_state_dict(source["net"])
     cemblayer.load_state_dict(source["cemblayer"])
-    return {"epoch": epoch, "global_step": state.get("global_step"), "weights": used}
+    return {"epoch": epoch if step is None else state["epoch"], "global_step": state.get("global_step"),
+            "weights": used}
 
 
 @dataclass
@@ -201,13 +218,14 @@ def latest_checkpoint(run_dir: str) -> str:
 
 
 def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, steps_per_epoch: int, cfg: dict,
-                    world: int, keep_last: int, weights: str = "ema") -> str:
+                    world: int, keep_last: int, weights: str = "ema", step_weights: bool = False) -> str:
     """Rank 0 writes the state after `step` steps of epoch index `epoch` (step 0: `epoch` epochs are done).
 
     Epoch checkpoints are ckpt_{epoch}_checkpoint.pt (the original's name), others step_{global}_checkpoint.pt;
     last_epoch.pt names the newest and is replaced only after it is safely on disk. Every rank hands in its
     RNG state, so a resumed run continues bit for bit. With keep_last K, an epoch also gets weights_{epoch}.pt
-    (the `weights` sampling uses, ema or raw) and only the newest K full states are kept.
+    (the `weights` sampling uses, ema or raw) and only the newest K full states are kept; with step_weights (a
+    --save_steps point) the global step gets weights_step_{global}.pt, whatever K is.
     """
     states = [None] * world
     if world > 1:
@@ -221,11 +239,14 @@ def save_checkpoint(run_dir: str, state: TrainState, epoch: int, step: int, step
         return os.path.join(ckpt_dir, name)
     ckpt = dict(state.state_dict(), epoch=epoch, step=step, global_step=global_step, rng=states, config=cfg)
     try:
+        part = {"ema": {k: v for k, v in ckpt["ema"].items() if k != "updates"}} if weights == "ema" else \
+            {"net": ckpt["net"], "cemblayer": ckpt["cemblayer"]}
         if keep_last > 0 and step == 0:  # the epoch's sampling weights outlive its full state
-            part = {"ema": {k: v for k, v in ckpt["ema"].items() if k != "updates"}} if weights == "ema" else \
-                {"net": ckpt["net"], "cemblayer": ckpt["cemblayer"]}
             save_atomic(dict(part, epoch=epoch, global_step=global_step, config=cfg),
                         os.path.join(ckpt_dir, f"weights_{epoch}.pt"))
+        if step_weights:
+            save_atomic(dict(part, epoch=global_step / steps_per_epoch, global_step=global_step, config=cfg),
+                        os.path.join(ckpt_dir, f"weights_step_{global_step}.pt"))
         save_atomic(ckpt, os.path.join(ckpt_dir, name))
         save_atomic({"last_epoch": epoch, "file": name}, os.path.join(ckpt_dir, "last_epoch.pt"))
     except OSError as e:

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_epoch, load_run, saved_epochs
+from checkpoints import load_epoch, load_run, saved_epochs, saved_steps
 from compat import COMPAT, Compat
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
@@ -53,10 +53,11 @@ def _epochs_ok(spec: str) -> bool:
 CLASS_LIST = Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0, "distinct class indices like 0,3,7",
                   "1,1")
 EPOCHS = Rule(_epochs_ok, "a saved epoch, a comma list of distinct ones (50,100,150) or all", "1,x")
+STEPS = Rule(lambda v: v is None or _epochs_ok(v), "a saved step, a comma list of distinct ones or all", "1,x")
 FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule here
     **{flag: at_least(0) for flag in ("eta", "seed")},
     **{flag: at_least(1) for flag in ("genum", "genbatch")},
-    "epoch": EPOCHS,
+    "epoch": EPOCHS, "step": STEPS,
     "num_steps": at_least(2),  # and at most the run's T, checked with it
     "clsnum": unset_or(at_least(1), "all of the run's classes"), "w": unset_or(FINITE_LIST, "the run's --w"),
     "classes": unset_or(CLASS_LIST, "the first --clsnum classes"),
@@ -70,26 +71,34 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
 }
 
 
-def resolve_epochs(path: str, spec: str) -> list[int]:
-    """The saved epochs --epoch names, each one checked against the run's checkpoints before anything is sampled."""
+def resolve_points(path: str, epochs: str, steps: str | None) -> list[tuple[int | None, int | None]]:
+    """The saved (epoch, None) points --epoch names or, with --step, the saved (None, step) points, each checked
+    against the run's checkpoints before anything is sampled."""
     if not os.path.isdir(path):
         raise UserError(f"--path {path} is not a directory")
-    saved = saved_epochs(path)
-    epochs = parse_epochs(spec) or saved
-    missing = [e for e in epochs if e not in saved]
-    if missing or not epochs:
-        raise UserError(f"no checkpoint for epoch {missing[0] if missing else spec} in {path}/checkpoints; saved "
-                        f"epochs: {', '.join(map(str, saved)) or 'none'}")
-    return epochs
+    what, spec, saved = ("step", steps, saved_steps(path)) if steps is not None else \
+        ("epoch", epochs, saved_epochs(path))
+    chosen = parse_epochs(spec) or saved
+    missing = [e for e in chosen if e not in saved]
+    if missing or not chosen:
+        raise UserError(f"no checkpoint for {what} {missing[0] if missing else spec} in {path}/checkpoints; saved "
+                        f"{what}s: {', '.join(map(str, saved)) or 'none'}")
+    return [(None, e) if what == "step" else (e, None) for e in chosen]
+
+
+def point_name(epoch: int | None, step: int | None) -> str:
+    """How a point names its folders and files: the epoch, or step{S}."""
+    return str(epoch) if step is None else f"step{step}"
 
 
 def already_scored(path: str, template: dict, per_class: list[int]) -> bool:
-    """Whether RUN/metrics.jsonl holds an fid record with every setting of `template` (its epoch included) and,
-    when `per_class` names classes, per-class figures of exactly those."""
+    """Whether RUN/metrics.jsonl holds an fid record with every setting of `template` (its epoch, or for a step
+    point its step, included) and, when `per_class` names classes, per-class figures of exactly those."""
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         return False
-    settings = {k: v for k, v in template.items() if k not in ("value", "step")}
+    position = "epoch" if template["step"] is not None else "step"  # the one the template leaves open
+    settings = {k: v for k, v in template.items() if k not in ("value", position)}
     for line in open(metrics):
         try:
             record = json.loads(line)
@@ -114,8 +123,8 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("--path (a run dir) is required")
     if args.tensorboard:
         summary_writer_class()  # the package is there, or one line before anything is sampled
-    epochs = resolve_epochs(args.path, args.epoch)
-    net, cemblayer, cfg, _ = load_run(args.path, epochs[0], args.weights)  # the architecture; weights per epoch
+    points = resolve_points(args.path, args.epoch, args.step)
+    net, cemblayer, cfg, _ = load_run(args.path, points[0][0], args.weights, points[0][1])  # weights per point
     spec = args.compat or cfg.get("compat", "none")
     compat = Compat.of(spec, cfg["dataset"])
     weights = args.weights or ("raw" if compat.weights == "raw" else None)  # None: EMA when the checkpoint has it
@@ -144,13 +153,13 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
     if args.fid and n < 2:
         raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
-    # (epoch, w) pairs: one, PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with
-    # --png True, in OUT/samples_E (default RUN/samples_E), with _w{w} when several w are asked for
-    runs = [(e, w) for e in epochs for w in ws]
+    # (point, w) pairs: one, PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with
+    # --png True, in OUT/samples_E (default RUN/samples_E; a step: samples_stepS), with _w{w} when several w are asked
+    runs = [(p, w) for p in points for w in ws]
     several = len(runs) > 1
     write_png = not several if str(args.png).lower() == "auto" else str2bool(args.png)
-    base = {(e, w): args.out if args.out and not several else
-            os.path.join(args.out or args.path, f"samples_{e}" + (f"_w{w:g}" if len(ws) > 1 else "")) for e, w in runs}
+    base = {(p, w): args.out if args.out and not several else os.path.join(
+        args.out or args.path, f"samples_{point_name(*p)}" + (f"_w{w:g}" if len(ws) > 1 else "")) for p, w in runs}
     if write_png:
         taken = [f for f in base.values() if os.path.isdir(f) and glob.glob(os.path.join(f, "*.png"))]
         if d.is_main and taken:
@@ -179,20 +188,22 @@ def main(args: argparse.Namespace) -> None:
     if scoring is not None:  # the reference first: a training set that cannot be read stops before any sampling
         scoring.reference_stats(cfg, d.device, d.rank, d.world, d.control)
     board = Board(args.path) if args.tensorboard and args.fid and d.is_main else None
-    position = None
-    for epoch, w in runs:
+    position, loaded = None, None
+    for point, w in runs:
+        (epoch, step), label = point, f"epoch {point[0]}" if point[1] is None else f"step {point[1]}"
         sampler = dataclasses.replace(sampler, w=w)  # the prepared network and noise serve every w
         if scoring is not None and args.skip_scored and already_scored(args.path, fid_record(
-                {"fid": None, "n": n}, scoring, sampler, diffusion.T, epoch, None, weights or "ema", spec, args.label),
+                {"fid": None, "n": n}, scoring, sampler, diffusion.T, epoch, step, weights or "ema", spec, args.label),
                 scoring.classes(cfg["num_classes"])):
-            say(f"epoch {epoch}, w {w}: already scored with these settings ({args.path}/metrics.jsonl); skipped")
+            say(f"{label}, w {w}: already scored with these settings ({args.path}/metrics.jsonl); skipped")
             continue
-        if position is None or position["epoch"] != epoch:  # each w of an epoch samples the weights loaded once
-            position = load_epoch(net, cemblayer, args.path, epoch, weights)
-        say(f"sampling {n} images of {args.path} epoch {epoch} ({position['weights']} weights) with "
+        if loaded != point:  # each w of a point samples the weights loaded once
+            position, loaded = load_epoch(net, cemblayer, args.path, epoch, weights, step), point
+            position |= {"name": point_name(*point), "label": label}
+        say(f"sampling {n} images of {args.path} {label} ({position['weights']} weights) with "
             f"{sampler.name(diffusion.T)}, w {w}, {d.world} process(es)")
         result = evaluate(diffusion, sampling_net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world,
-                          base[epoch, w] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main,
+                          base[point, w] if write_png else None, keep=frozenset(grid_indices), progress=d.is_main,
                           group=d.control)
         kept = result["kept"]
         if d.world > 1:  # the grid's few images, from whichever rank drew them
@@ -200,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
             dist.all_gather_object(shares, kept)
             kept = {i: img for share in shares for i, img in share.items()}
         if d.is_main:
-            write_outputs(args, result, kept, grid_indices, per_class, base[epoch, w], write_png, position, sampler,
+            write_outputs(args, result, kept, grid_indices, per_class, base[point, w], write_png, position, sampler,
                           diffusion.T, scoring, outcomes, spec, board)
     if board is not None:
         board.close()
@@ -210,8 +221,8 @@ def main(args: argparse.Namespace) -> None:
 def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indices: list[int], per_class: int,
                   base: str, write_png: bool, position: dict, sampler: Sampler, T: int, scoring: Scoring | None,
                   outcomes: list[dict], compat: str, board: Board | None) -> None:
-    """Rank 0: one epoch's class grid, and with --fid its record in RUN/fid_E.txt and RUN/metrics.jsonl (and with
-    --tensorboard in the run's TensorBoard events)."""
+    """Rank 0: one point's class grid, and with --fid its record in RUN/fid_E.txt (a step: fid_stepS.txt) and
+    RUN/metrics.jsonl (and with --tensorboard in the run's TensorBoard events)."""
     epoch = position["epoch"]
     grid_path = base.rstrip("/") + "_grid.png"
     if grid_indices:
@@ -225,9 +236,9 @@ def write_outputs(args: argparse.Namespace, result: dict, kept: dict, grid_indic
         record["compile"] = outcomes
     line = f"{scoring.metric} {result['fid']:.4f}" + (f", class accuracy {result['class_accuracy']:.4f}"
                                                      if "class_accuracy" in result else "")
-    print(f"epoch {epoch}: {line} ({result['n']} images, {sampler.name(T)}, w {sampler.w}, {position['weights']} "
+    print(f"{position['label']}: {line} ({result['n']} images, {sampler.name(T)}, w {sampler.w}, {position['weights']} "
           f"weights, reference {scoring.reference})", flush=True)
-    for path in (os.path.join(args.path, f"fid_{epoch}.txt"), os.path.join(args.path, "metrics.jsonl")):
+    for path in (os.path.join(args.path, f"fid_{position['name']}.txt"), os.path.join(args.path, "metrics.jsonl")):
         append_line(path, json.dumps(record) + "\n")
     if board is not None:
         board.record(record)
@@ -239,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", default="1000", help="the saved epoch to sample, a comma list of them (50,100,150) or "
                    "all: the network is built and compiled once, each epoch's weights are loaded into it, and each "
                    "epoch gets its own FID record")
+    p.add_argument("--step", default=None, help="sample saved global steps instead of epochs (train.py "
+                   "--save_steps): a step, a comma list of them or all; each gets its own FID record, whose epoch "
+                   "is the epochs trained by then (a fraction)")
     p.add_argument("--ddim", type=str2bool, default=False, help="DDIM instead of T-step ancestral DDPM")
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")

@@ -22,14 +22,10 @@ import sys
 import tomllib
 
 from cli import ANY, Rule, UserError, at_least, check_flags, run_cli, str2bool, write_atomic
+from study_cost import estimate
 from study_report import write_report
 from study_run import Runner, Task, run_parallel, slots
 
-# measured rates for the estimate (docs/gpu.md, one H200, 2026-11-26, the paper UNet at 32x32): training
-# 1,596 img/s, DDIM-50 sampling 96 img/s at genbatch 1000; both scaled by pixels. The paper UNet's files
-# (chmul 1,2,4,4): 452.2 MB full training state, 113.0 MB sampling weights.
-TRAIN_IMG_S, SAMPLE_IMG_S, STATE_MB, WEIGHTS_MB = 1596, 96, 452.2, 113.0
-TRAINING_IMAGES = {"cifar10": 50_000, "stl10": 13_000, "tiny-imagenet": 100_000}  # what train.py trains on
 REQUIRED = ("dataset", "out", "epochs", "interval", "train_seeds", "arms", "eval_classifier", "evaluation", "endpoints")
 
 
@@ -88,7 +84,8 @@ def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
 
 
 def evaluated_epochs(study: dict) -> list[int]:
-    """The saved (and scored) epochs: every `interval`, the early ones below `epochs`, and the last."""
+    """The saved (and scored) epochs: every `interval`, the early ones below `epochs`, and the last (the saved steps,
+    `early_steps`, come on top)."""
     e = study["epochs"]
     return sorted({*range(study["interval"], e + 1, study["interval"]), *(x for x in study.get("early", []) if x < e),
                    e})
@@ -132,10 +129,12 @@ def classifier_tasks(study: dict) -> list[Task]:
 
 
 def run_tasks(study: dict, gpus: int) -> list[Task]:
-    """One task per (arm, training seed[, classifier seed]): train (start-or-continue), then score every saved epoch.
-    An arm whose flags name no classifier ({name}) runs once per training seed."""
+    """One task per (arm, training seed[, classifier seed]): train (start-or-continue), then score every saved epoch
+    (and with early_steps every saved step). An arm whose flags name no classifier ({name}) runs once per training
+    seed."""
     ev, out = study["evaluation"], study["out"]
     early = [e for e in study.get("early", []) if e < study["epochs"]]
+    steps = study.get("early_steps", [])
     global_batch = study.get("global_batch", 256)
     batch = min(study.get("batchsize", 64), global_batch // gpus)
     tasks = []
@@ -154,6 +153,7 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
                     "--sample_every", str(study["epochs"]), "--keep_last", str(study.get("keep_last", 2)),
                     "--global_batch", str(global_batch), "--batchsize", str(batch),
                     *(["--save_epochs", ",".join(map(str, early))] if early else []),
+                    *(["--save_steps", ",".join(map(str, steps))] if steps else []),
                     "--run_dir", run_dir, "--if_exists", "continue"]
                 score = python(gpus) + [
                     "sample.py", "--path", run_dir, "--epoch", "all", *shlex.split(ev.get("sampler", "")),
@@ -161,7 +161,8 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
                     "--fid", "True", "--fid_features", ev.get("features", "inception"),
                     "--eval_classifier", eval_classifier_file(study), "--per_class", str(ev.get("per_class", False)),
                     "--data_root", study.get("data_root", "datasets"), "--png", "False", "--skip_scored", "True"]
-                tasks.append(Task(name, [train, score], "run", None, arm, seed, c, run_dir))
+                tasks.append(Task(name, [train, score] + ([score + ["--step", "all"]] if steps else []), "run", None,
+                                  arm, seed, c, run_dir))
     return tasks
 
 
@@ -198,24 +199,6 @@ def make_reference(study: dict) -> str:
             per_class=ev.get("per_class", False)).reference_stats(cfg, device, 0, 1)
     write_atomic(reference_marker(study), lambda f: f.write(f"{path}\n".encode()))
     return path
-
-
-def estimate(study: dict, runs: list[Task]) -> str:
-    """Estimated GPU-hours and disk per run and in all, from the rates above (an estimate, not a measurement)."""
-    images = TRAINING_IMAGES.get(study["dataset"])
-    saved = len(evaluated_epochs(study))
-    if images is None:
-        return (f"# estimate: none for {study['dataset']} (GPU rates are known for cifar10, stl10 and tiny-imagenet "
-                f"at the paper's UNet); {len(runs)} runs, {saved} scored epochs each")
-    size = study.get("image_size", -1)
-    pixels = ((32 if size == -1 and study["dataset"] == "cifar10" else 64 if size == -1 else size) / 32) ** 2
-    train_h = study["epochs"] * images / (TRAIN_IMG_S / pixels) / 3600
-    score_h = saved * study["evaluation"]["images"] / (SAMPLE_IMG_S / pixels) / 3600
-    disk = (saved * WEIGHTS_MB + min(study.get("keep_last", 2), saved) * STATE_MB) / 1000
-    return (f"# estimate per run (H200 rates of 2026-11-26, the paper UNet; not a measurement): training "
-            f"{train_h:.1f} GPU-h ({study['epochs']} epochs x {images:,} images), scoring {saved} epochs "
-            f"{score_h:.1f} GPU-h, disk {disk:.1f} GB; {len(runs)} runs: {len(runs) * (train_h + score_h):.0f} "
-            f"GPU-h, {len(runs) * disk:.0f} GB")
 
 
 def again(args: argparse.Namespace) -> list[str]:
@@ -278,8 +261,9 @@ def main(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(f"# study {args.study}: {len(study['arms'])} arms x {len(study['train_seeds'])} training seeds "
               f"x {len(study.get('classifier_seeds', [0]))} classifier seeds -> {len(runs)} runs; scored epochs "
-              f"{','.join(map(str, evaluated_epochs(study)))}")
-        print(estimate(study, runs))
+              f"{','.join(map(str, evaluated_epochs(study)))}" +
+              (f", scored steps {','.join(map(str, study['early_steps']))}" if study.get("early_steps") else ""))
+        print(estimate(study, len(runs), len(evaluated_epochs(study)) + len(study.get("early_steps", []))))
         prepare = classifiers + [reference_task(study, again(args))]
         for i, task in enumerate(prepare + runs):
             label = f"task {i - len(prepare)}" if task.kind == "run" else "classifiers"

@@ -19,6 +19,12 @@ METRICS = {"fid": ("FID", True), "accuracy": ("class accuracy %", False),
            "accuracy_others": ("other classes: accuracy % (mean)", False)}
 
 
+def axis(study: dict) -> str:
+    """What a study's scored points are: global steps where it declares early_steps (epoch ends then count by their
+    step too), else epochs."""
+    return "step" if study.get("early_steps") else "epoch"
+
+
 def expected_evaluation(study: dict) -> dict:
     """The fields every fid record of this study's evaluation has, as evaluate.fid_record writes them."""
     ev = study["evaluation"]
@@ -78,7 +84,7 @@ def read_records(run_dir: str) -> list[dict]:
 
 
 def collect(runs: list, study: dict, classifier_file: str | None = None) -> tuple[dict, dict]:
-    """({metric: {arm: {training seed: {epoch: value}}}}, the mean over classifier seeds present at an epoch, and
+    """({metric: {arm: {training seed: {point: value}}}} (points: epochs or steps, `axis`), the mean over classifier seeds present at an epoch, and
     what was read: the scoring network and the records of other evaluations left out). The scoring network is the
     evaluation classifier's file when it is here, else the one network all matching records share."""
     expected = expected_evaluation(study)
@@ -93,13 +99,13 @@ def collect(runs: list, study: dict, classifier_file: str | None = None) -> tupl
             raise UserError(f"the study's records were scored by {len(found)} evaluation classifiers "
                             f"({', '.join(found)}) and {classifier_file} is not there to say which is the study's")
         want = found[0] if found else None
-    by_seed, scored = {}, set()
+    by_seed, scored, point = {}, set(), axis(study)
     for task, r in mine:
         if scorer(r) == want:
             scored.add(task.run_dir)
             for metric, v in record_values(r).items():
                 by_seed.setdefault(metric, {}).setdefault(task.arm, {}).setdefault(task.seed, {}) \
-                    .setdefault(r["epoch"], {})[task.classifier_seed] = v  # a rescore replaces
+                    .setdefault(r[point], {})[task.classifier_seed] = v  # a rescore replaces
     used = sum(scorer(r) == want for _, r in mine)
     data = {m: {a: {s: {e: float(np.mean(list(v.values()))) for e, v in c.items()} for s, c in seeds.items()}
                 for a, seeds in arms.items()} for m, arms in by_seed.items()}

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from cli import write_atomic
-from study_records import METRICS, collect
+from study_records import METRICS, axis, collect
 from study_stats import censored_log_ratio, early_mean, equivalence, holm, smallest_p, summary, t_interval, \
     time_to_reach
 
@@ -143,7 +143,7 @@ def ratio_cell(s: dict) -> str:
 def markdown(study: dict, result: dict, read: dict) -> str:
     """The report's tables: the declared tests first, then the endpoints per run, then the exploratory tables."""
     arms, ends = result["arms"], study["endpoints"]
-    fid, x = label("fid", study), study.get("axis", "epoch")
+    fid, x = label("fid", study), axis(study)
     e = read["expected"]
     lines = [f"# Study {study['path']}: {study['dataset']}", "",
              f"Arms: {', '.join(f'`{a}` ({f})' for a, f in study['arms'].items())}.",
@@ -224,7 +224,7 @@ def plot(study: dict, result: dict, path: str) -> None:
         ax.set_xscale("log")
         ax.set_xticks(epochs, [str(e) for e in epochs], fontsize=8)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(axis(study))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{study['path']}: {study['dataset']}")

@@ -235,10 +235,10 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
         log.record(event="compile", **outcome)
     train_step = TrainStep(ddp_loss, models, optimizer, state.scaler, state.ema, fast, micro)
 
-    def save(epoch: int, step_in_epoch: int) -> str:
+    def save(epoch: int, step_in_epoch: int, scheduled_step: bool = False) -> str:
         """The checkpoint (every rank hands in its RNG state) and, with compile, rank 0's compile cache."""
         path = save_checkpoint(run_dir, state, epoch, step_in_epoch, len(batches), cfg, d.world, args.keep_last,
-                               compat.weights)
+                               compat.weights, scheduled_step)
         if fast.compile and d.is_main:
             save_compile_cache(compile_cache)
         return path
@@ -273,6 +273,7 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
     # --- training loop: nothing reads the device between log steps, so the CPU runs ahead of the GPU
     guards = Guards(StopSignal(d.world, d.control), args.max_steps, len(batches), d)
     step = start_epoch * len(batches) + skip
+    save_steps = set(args.save_steps or ())
     for epoch in range(start_epoch, args.epoch):
         models.train()  # enables dropout; label dropout for CFG is inside DiffusionLoss
         order = batches.epoch(epoch).to(images.device)  # the epoch's indices reach the data's device once
@@ -294,6 +295,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
                 log.record(event="train", epoch=epoch + 1, step=step, loss=mean_loss,
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate)
                 window = LossMeter(d.device)
+            if step in save_steps and i + 1 < len(batches):  # an epoch's last step saves with the epoch
+                log.line(f"step {step}: checkpoint -> {save(epoch, i + 1, True)}")
             if why := guards.stop_reason(step):
                 break
         bar.close()
@@ -318,8 +321,8 @@ def main(args: argparse.Namespace) -> dict[str, nn.Module]:
             log.grid(grid, step)
         if evaluator is not None and (done % args.fid_every == 0 or last):
             evaluate_or_skip(evaluator, sampling_net, sampled["cemblayer"], done, step, log)
-        if done % args.interval == 0 or last or done in (args.save_epochs or ()):
-            log.line(f"checkpoint -> {save(done, 0)}")
+        if done % args.interval == 0 or last or done in (args.save_epochs or ()) or step in save_steps:
+            log.line(f"checkpoint -> {save(done, 0, step in save_steps)}")
 
     # --- teardown
     log.close()

@@ -33,6 +33,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "num_steps": at_least(2),  # and at most --T, checked with it
     "image_size": NATIVE_OR_SIZE, "chmul": POSITIVE_LIST,
     "save_epochs": unset_or(POSITIVE_LIST, "only every --interval"),
+    "save_steps": unset_or(POSITIVE_LIST, "no step saves"),
     **{flag: unset_or(at_least(1), "the dataset's channels") for flag in ("inch", "outch")},
     "clsnum": unset_or(at_least(1), "all classes, at most 10"),
     "lr": above(0), "multiplier": at_least(1),  # the warm-up starts at lr and rises to lr x multiplier
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_epochs", type=int_list, default=None, help="also save at these epochs, e.g. the "
                    "log-spaced early ones 1,2,4,8,16,32 that an FID curve of early training needs (default: only "
                    "every --interval)")
+    p.add_argument("--save_steps", type=int_list, default=None, help="also save at these global optimizer steps: a "
+                   "checkpoint and the step's sampling weights (checkpoints/weights_step_S.pt, kept whatever "
+                   "--keep_last is), e.g. the log-spaced early steps 100,200,400,800 of an FID curve over steps, "
+                   "which sample.py --step all scores (default: no step saves)")
     p.add_argument("--mode", default="regular", help=f"class table: {' / '.join(MODES)}")
     p.add_argument("--path_proto", default=None, help="prototype file for the proto modes")
     p.add_argument("--proto_norm", default="keep", help="row norm of the table a proto mode or control builds: keep "

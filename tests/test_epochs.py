@@ -20,12 +20,14 @@ from cli import UserError
 from test_sample import pngs, write_classifier
 
 
+STEPS = TINY + ["--epoch", "2", "--interval", "1", "--save_steps", "5,28"]  # 28 steps an epoch: one inside, one at its end
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A digits run with epochs 1 and 2 saved, and an (untrained) classifier for proto-FID."""
+    """A digits run with epochs 1 and 2 and steps 5 and 28 saved, and an (untrained) classifier for proto-FID."""
     root = tmp_path_factory.mktemp("epochs")
-    train.main(train.build_parser().parse_args(TINY + ["--epoch", "2", "--interval", "1", "--run_dir",
-                                                       str(root / "run")]))
+    train.main(train.build_parser().parse_args(STEPS + ["--run_dir", str(root / "run")]))
     return root / "run", write_classifier(root / "clf.pt")
 
 
@@ -53,6 +55,30 @@ def test_several_epochs_in_one_process_equal_separate_invocations(trained, tmp_p
         a, b = pngs(tmp_path / f"png_{e}"), pngs(tmp_path / "many" / f"samples_{e}")
         assert len(a) == 20 and all(np.array_equal(x, y) for x, y in zip(a, b))
         assert (tmp_path / "many" / f"samples_{e}_grid.png").exists()
+
+
+def test_saved_steps_are_scored_like_epochs_and_a_run_resumes_from_one(trained, tmp_path):
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("weights_step_*.pt")) == [
+        "weights_step_28.pt", "weights_step_5.pt"]
+    records = run_sample(tmp_path / "run", clf, tmp_path, "all", "--step", "all")
+    assert [(r["step"], r["epoch"]) for r in records] == [(5, 5 / 28), (28, 1.0)]
+    epoch_1 = run_sample(tmp_path / "run", clf, tmp_path, "1")[-1]
+    assert epoch_1["value"] == records[1]["value"]  # step 28 is epoch 1's end: the same weights
+    assert records[0]["value"] != records[1]["value"] and (tmp_path / "run" / "fid_step5.txt").exists()
+    again = run_sample(tmp_path / "run", clf, tmp_path, "all", "--step", "5", "--skip_scored", "True")
+    assert len(again) == 3  # step 5 with the same settings: skipped
+    with pytest.raises(UserError, match="no checkpoint for step 6 in .*; saved steps: 5, 28"):
+        run_sample(tmp_path / "run", clf, tmp_path, "all", "--step", "6")
+    # stopped at the save step, then continued: the weights of the uninterrupted run, bit for bit
+    stopped = str(tmp_path / "stopped")
+    train.main(train.build_parser().parse_args(STEPS + ["--run_dir", stopped, "--max_steps", "5"]))
+    train.main(train.build_parser().parse_args(["--path_resume", stopped]))
+    a, b = (torch.load(os.path.join(r, "checkpoints", "ckpt_2_checkpoint.pt"), weights_only=True)
+            for r in (run, stopped))
+    assert all(torch.equal(a["ema"]["net"][k], b["ema"]["net"][k]) for k in a["ema"]["net"])
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
 
 
 def test_many_epochs_write_no_pngs_unless_asked(trained, tmp_path):
