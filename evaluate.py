@@ -101,8 +101,10 @@ def reference_path(cfg: dict, features: str, data_root: str, path_proto: str | N
 
 def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module, cfg: dict, labels: torch.Tensor,
              sampler: Sampler, scoring: Scoring | None, rank: int = 0, world: int = 1, out_dir: str | None = None,
-             keep: frozenset[int] = frozenset(), progress: bool = False, group: Any = None) -> dict:
-    """Generate one image per label (this rank's share), optionally write them, and score them.
+             keep: frozenset[int] = frozenset(), progress: bool = False, group: Any = None,
+             real: torch.Tensor | None = None) -> dict:
+    """Generate one image per label (this rank's share), optionally write them, and score them; with `real` (uint8
+    images, one per label) score those instead: the real-vs-real floor of the same evaluation.
 
     Returns FID, n and class accuracy when `scoring` is given, and under "kept" this rank's images whose index is
     in `keep` (for a grid). In a job (`group`: its control group) a failure on any rank, before the statistics are
@@ -123,8 +125,11 @@ def evaluate(diffusion: GaussianDiffusion, net: nn.Module, cemblayer: nn.Module,
             kept_features = ClassFeatures(chosen, GEN_PER_CLASS)
         writer = PngWriter(out_dir) if out_dir is not None else None
         try:
-            for chunk, u8 in generate(diffusion, net, cemblayer, list(range(rank, len(labels), world)), labels,
-                                      shape, sampler, progress):
+            mine = list(range(rank, len(labels), world))
+            source = generate(diffusion, net, cemblayer, mine, labels, shape, sampler, progress) if real is None \
+                else ((mine[i:i + sampler.batch], real[mine[i:i + sampler.batch]])
+                      for i in range(0, len(mine), sampler.batch))
+            for chunk, u8 in source:
                 if writer is not None:
                     writer.write(chunk, u8)
                 kept.update({i: img for i, img in zip(chunk, u8) if i in keep})
@@ -189,6 +194,21 @@ def per_class_figures(chosen: list[int], counts: list[int], stats: FeatureStats,
         out["class_accuracy"] = [(hits[c, 0] / hits[c, 1]).item() if c in chosen and hits[c, 1] > 0 else None
                                  for c in range(classes)]
     return out
+
+
+def real_images(cfg: dict, data_root: str, labels: torch.Tensor) -> torch.Tensor:
+    """One held-out (test split) image per label: for class c, its test images in file order, so that n images of
+    balanced labels are the first n / classes of each class, the same for every run of a dataset."""
+    data = load_dataset(cfg["dataset"], "test", data_root, cfg["image_size"], False, cfg.get("tiny_imagenet_path"),
+                        crop=cfg.get("crop", False))
+    index = torch.zeros_like(labels)
+    for c in labels.unique().tolist():
+        wanted, have = (labels == c).nonzero()[:, 0], (data.labels == c).nonzero()[:, 0]
+        if len(have) < len(wanted):
+            raise UserError(f"--real True needs {len(wanted)} test images of class {c}; the test split of "
+                            f"{cfg['dataset']} has {len(have)}: lower --genum")
+        index[wanted] = have[:len(wanted)]
+    return data.images[index]
 
 
 def few_images_warning(n: int, width: int) -> str | None:

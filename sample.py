@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from checkpoints import load_epoch, load_run, saved_epochs, saved_steps
 from compat import COMPAT, Compat
 from datasets import save_grid
 from diffusion import GaussianDiffusion, make_betas
-from evaluate import Scoring, classifier_for, evaluate, few_images_warning, fid_record, reference_path
+from evaluate import Scoring, classifier_for, evaluate, few_images_warning, fid_record, real_images, reference_path
 from fid import FEATURES, feature_width
 from cli import (AMP, ANY, AUTO_OR_BOOL, CLASSES_OR_BOOL, COMPILE_MODE, DEVICE, FINITE_LIST, Rule, UserError,
                  append_line, at_least, bool_or_classes, check_flags, float_list, int_list, one_of, run_cli, str2bool,
@@ -66,7 +67,7 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank", "skip_scored", "tensorboard")},
+                              "data_root", "out", "local_rank", "skip_scored", "tensorboard", "real")},
     "per_class": CLASSES_OR_BOOL,
 }
 
@@ -153,11 +154,14 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
     if args.fid and n < 2:
         raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
+    if args.real and not (args.fid and args.label == "range"):
+        raise UserError("--real True scores --genum real test images in balanced classes: it needs --fid True and "
+                        "--label range")
     # (point, w) pairs: one, PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with
     # --png True, in OUT/samples_E (default RUN/samples_E; a step: samples_stepS), with _w{w} when several w are asked
     runs = [(p, w) for p in points for w in ws]
     several = len(runs) > 1
-    write_png = not several if str(args.png).lower() == "auto" else str2bool(args.png)
+    write_png = (not several if str(args.png).lower() == "auto" else str2bool(args.png)) and not args.real
     base = {(p, w): args.out if args.out and not several else os.path.join(
         args.out or args.path, f"samples_{point_name(*p)}" + (f"_w{w:g}" if len(ws) > 1 else "")) for p, w in runs}
     if write_png:
@@ -187,6 +191,8 @@ def main(args: argparse.Namespace) -> None:
                       args.per_class) if args.fid else None
     if scoring is not None:  # the reference first: a training set that cannot be read stops before any sampling
         scoring.reference_stats(cfg, d.device, d.rank, d.world, d.control)
+    if args.real:
+        return score_real(args, cfg, diffusion, net, cemblayer, labels, sampler, scoring, spec, d, say)
     board = Board(args.path) if args.tensorboard and args.fid and d.is_main else None
     position, loaded = None, None
     for point, w in runs:
@@ -215,6 +221,30 @@ def main(args: argparse.Namespace) -> None:
                           diffusion.T, scoring, outcomes, spec, board)
     if board is not None:
         board.close()
+    teardown_distributed()
+
+
+REAL = {"sampler": "real", "steps": None, "eta": None, "select": None, "w": None, "weights": None, "split": "test"}
+
+
+def score_real(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, net: torch.nn.Module,
+               cemblayer: torch.nn.Module, labels: torch.Tensor, sampler: Sampler, scoring: Scoring, compat: str,
+               d: Any, say: Any) -> None:
+    """--real True: --genum real test images, one per label, scored as the samples are, into RUN/metrics.jsonl: the
+    floor a perfect model would reach in this evaluation (its sampling noise at this n)."""
+    template = fid_record({"fid": None, "n": args.genum}, scoring, sampler, diffusion.T, None, None, "", compat,
+                          args.label) | REAL
+    if args.skip_scored and already_scored(args.path, template, scoring.classes(cfg["num_classes"])):
+        say(f"the real-vs-real floor of {args.genum} test images: already scored ({args.path}/metrics.jsonl); skipped")
+        return teardown_distributed()
+    real = real_images(cfg, args.data_root or cfg.get("data_root", "datasets"), labels)
+    result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, group=d.control,
+                      real=real)
+    if d.is_main:
+        record = fid_record(result, scoring, sampler, diffusion.T, None, None, "", compat, args.label) | REAL
+        print(f"real-vs-real floor: {scoring.metric} {result['fid']:.4f} of {result['n']} test images" +
+              (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""), flush=True)
+        append_line(os.path.join(args.path, "metrics.jsonl"), json.dumps(record) + "\n")
     teardown_distributed()
 
 
@@ -253,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default=None, help="sample saved global steps instead of epochs (train.py "
                    "--save_steps): a step, a comma list of them or all; each gets its own FID record, whose epoch "
                    "is the epochs trained by then (a fraction)")
+    p.add_argument("--real", type=str2bool, default=False, help="with --fid, score --genum real test-split images "
+                   "(the first of each class, balanced as --label range) instead of samples: the real-vs-real floor "
+                   "of the same evaluation, one record with sampler 'real' in PATH/metrics.jsonl")
     p.add_argument("--ddim", type=str2bool, default=False, help="DDIM instead of T-step ancestral DDPM")
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")

@@ -130,8 +130,8 @@ def classifier_tasks(study: dict) -> list[Task]:
 
 def run_tasks(study: dict, gpus: int) -> list[Task]:
     """One task per (arm, training seed[, classifier seed]): train (start-or-continue), then score every saved epoch
-    (and with early_steps every saved step). An arm whose flags name no classifier ({name}) runs once per training
-    seed."""
+    (and with early_steps every saved step), then the real-vs-real floor of the evaluation. An arm whose flags name
+    no classifier ({name}) runs once per training seed."""
     ev, out = study["evaluation"], study["out"]
     early = [e for e in study.get("early", []) if e < study["epochs"]]
     steps = study.get("early_steps", [])
@@ -161,8 +161,8 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
                     "--fid", "True", "--fid_features", ev.get("features", "inception"),
                     "--eval_classifier", eval_classifier_file(study), "--per_class", str(ev.get("per_class", False)),
                     "--data_root", study.get("data_root", "datasets"), "--png", "False", "--skip_scored", "True"]
-                tasks.append(Task(name, [train, score] + ([score + ["--step", "all"]] if steps else []), "run", None,
-                                  arm, seed, c, run_dir))
+                tasks.append(Task(name, [train, score] + ([score + ["--step", "all"]] if steps else []) +
+                                  [score + ["--real", "True"]], "run", None, arm, seed, c, run_dir))
     return tasks
 
 

@@ -1,7 +1,8 @@
 """Which records are a study's: the fid records of its whole evaluation (image count, w, sampling seed, sampler
 and its steps, feature space, weights, labels) scored by its evaluation classifier (by the content of its file,
 so that a rescore with another classifier at the same path is no longer the study's), gathered per arm, training
-seed and scored point; any other record is left out and counted. Read by study_report.py.
+seed and scored point; any other record is left out and counted. The real-vs-real floor is the records of real
+test images (sample.py --real True) scored by the same evaluation. Read by study_report.py.
 """
 import argparse
 import json
@@ -106,8 +107,12 @@ def collect(runs: list, study: dict, classifier_file: str | None = None) -> tupl
             for metric, v in record_values(r).items():
                 by_seed.setdefault(metric, {}).setdefault(task.arm, {}).setdefault(task.seed, {}) \
                     .setdefault(r[point], {})[task.classifier_seed] = v  # a rescore replaces
+    floors = [r for _, r in records if r.get("sampler") == "real" and r.get("n") == expected["n"] and
+              r.get("label") == expected["label"] and scorer(r) == want]
+    floor = {m: float(np.mean(v)) for m in METRICS if (v := [record_values(r)[m] for r in floors
+                                                               if m in record_values(r)])}
     used = sum(scorer(r) == want for _, r in mine)
     data = {m: {a: {s: {e: float(np.mean(list(v.values()))) for e, v in c.items()} for s, c in seeds.items()}
                 for a, seeds in arms.items()} for m, arms in by_seed.items()}
-    return data, {"scorer": want, "expected": expected, "used": used, "left_out": len(records) - used,
-                  "scored_runs": len(scored)}
+    return data, {"scorer": want, "expected": expected, "used": used, "left_out": len(records) - used - len(floors),
+                  "scored_runs": len(scored), "floor": floor, "floor_records": len(floors)}

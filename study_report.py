@@ -157,6 +157,9 @@ def markdown(study: dict, result: dict, read: dict) -> str:
              f"up to its lowest point, interpolated on log-{x}s; runs that never reach it censored at the last "
              f"evaluation, runs already there at the first), ratio to the baseline; mean {fid} over log-{x}s up to "
              f"{x} {ends.get('early_until')}. Equivalence margins: {ends.get('equivalence') or 'none declared'}.", ""]
+    floor = read["floor"]
+    lines += [f"Real-vs-real floor ({e['n']} real test images, the same evaluation; {read['floor_records']} records): "
+              + (", ".join(f"{label(m, study)} {v:.4f}" for m, v in floor.items()) if floor else "not scored"), ""]
     lines += test_rows(study, result)
     reach, early = result["per_run"].get("steps_to_threshold"), result["per_run"].get("early_mean")
     if reach or early:
@@ -210,6 +213,8 @@ def plot(study: dict, result: dict, path: str) -> None:
                 axes[0][col].plot(xs, [c[e]["mean"] for e in xs], marker="o", color=color[a], label=a)
                 axes[0][col].fill_between(xs, [c[e]["t"][0] for e in xs], [c[e]["t"][1] for e in xs],
                                           color=color[a], alpha=0.15)
+        if m in result["floor"]:
+            axes[0][col].axhline(result["floor"][m], color="k", ls="--", lw=1, label="real-vs-real floor")
         axes[0][col].set_ylabel(f"{label(m, study)} (mean, 95% band)")
         for row, b in enumerate(bases, start=1):
             for a, per in result["paired"][m][b].items():
@@ -236,7 +241,7 @@ def plot(study: dict, result: dict, path: str) -> None:
 def write_report(study: dict, runs: list, classifier_file: str | None = None) -> str:
     """Write OUT/report.md, report.json and report.png from the runs' metrics; returns a line naming them."""
     data, read = collect(runs, study, classifier_file)
-    result = analyse(study, data)
+    result = analyse(study, data) | {"floor": read["floor"]}
     text = markdown(study, result, read)
     out = study["out"]
     os.makedirs(out, exist_ok=True)

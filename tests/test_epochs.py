@@ -81,6 +81,33 @@ def test_saved_steps_are_scored_like_epochs_and_a_run_resumes_from_one(trained, 
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
 
 
+def test_the_real_floor_scores_the_first_test_images_of_each_class_as_samples_are_scored(trained, tmp_path):
+    import scipy.linalg
+    from datasets import load_dataset, to_float
+    from evaluate import classifier_for
+    run, clf = trained
+    shutil.copytree(run, tmp_path / "run")
+    record = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "True")[-1]
+    assert (record["sampler"], record["split"], record["w"], record["n"]) == ("real", "test", None, 20)
+    assert not list((tmp_path / "run").glob("samples_*"))  # no PNGs, no grid
+    test = load_dataset("digits", "test")
+    picked = torch.cat([test.images[test.labels == c][:2] for c in range(10)])  # image i: class i mod 10
+    order = torch.tensor([2 * (i % 10) + i // 10 for i in range(20)])  # class i mod 10, its (i div 10)-th
+    classifier = classifier_for(str(clf))
+    with torch.inference_mode():
+        features, logits = classifier(to_float(picked[order]))
+    f = features.double().numpy()
+    mu_ref, sigma_ref = (np.load(record["reference"])[k] for k in ("mu", "sigma"))
+    mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+    root = scipy.linalg.sqrtm(sigma @ sigma_ref).real
+    expected = ((mu - mu_ref) ** 2).sum() + np.trace(sigma + sigma_ref - 2 * root)
+    assert record["value"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    labels = torch.arange(20) % 10
+    assert record["class_accuracy"] == pytest.approx((logits.argmax(1) == labels).double().mean().item())
+    again = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "True", "--skip_scored", "True")
+    assert len(again) == 1  # the floor with the same settings: skipped
+
+
 def test_many_epochs_write_no_pngs_unless_asked(trained, tmp_path):
     run, clf = trained
     shutil.copytree(run, tmp_path / "run")

@@ -31,8 +31,11 @@ def test_dataset_scripts_dry_run_print_a_study_whose_commands_parse(script, data
     assert r.returncode == 0, r.stderr
     scripts = [next(w for w in cmd if w.endswith(".py")) for cmd in commands]
     # 2 prototype classifiers, the evaluation classifier and the reference statistics, then per (arm, seeds): train,
-    # then score every saved epoch
-    assert scripts == ["train_classifier.py"] * 3 + ["study.py"] + ["train.py", "sample.py"] * 30
+    # score every saved epoch, the real-vs-real floor
+    assert scripts == ["train_classifier.py"] * 3 + ["study.py"] + ["train.py", "sample.py", "sample.py"] * 30
+    floors = [cmd for cmd in commands if "--real" in cmd]
+    assert len(floors) == 30 and all(sample.build_parser().parse_args(c[c.index("sample.py") + 1:]).real
+                                     for c in floors)
     out = f"results/{script[:-3]}" + (f"-compat_{compat}" if compat != "none" else "")  # one folder per --compat
     arms = []
     for cmd, name in zip(commands, scripts):
@@ -140,7 +143,7 @@ def test_the_slurm_script_launches_every_command_on_all_nodes_at_the_papers_glob
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ") and
                 "study.py" not in line]  # the reference statistics: one process
-    assert len(commands) == 63  # 3 classifiers, 30 x (train, score)
+    assert len(commands) == 93  # 3 classifiers, 30 x (train, score, floor)
     for cmd in commands:
         assert cmd[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
         assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
