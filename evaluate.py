@@ -196,17 +196,19 @@ def per_class_figures(chosen: list[int], counts: list[int], stats: FeatureStats,
     return out
 
 
-def real_images(cfg: dict, data_root: str, labels: torch.Tensor) -> torch.Tensor:
-    """One held-out (test split) image per label: for class c, its test images in file order, so that n images of
-    balanced labels are the first n / classes of each class, the same for every run of a dataset."""
-    data = load_dataset(cfg["dataset"], "test", data_root, cfg["image_size"], False, cfg.get("tiny_imagenet_path"),
+def real_images(cfg: dict, data_root: str, labels: torch.Tensor, split: str = "test") -> torch.Tensor:
+    """One real image per label from a split (test: held out; all: what the diffusion model trains on, the
+    reference's own images): for class c, its images in file order, so that n images of balanced labels are the
+    first n / classes of each class, the same for every run of a dataset."""
+    data = load_dataset(cfg["dataset"], split, data_root, cfg["image_size"], False, cfg.get("tiny_imagenet_path"),
                         crop=cfg.get("crop", False))
     index = torch.zeros_like(labels)
     for c in labels.unique().tolist():
         wanted, have = (labels == c).nonzero()[:, 0], (data.labels == c).nonzero()[:, 0]
         if len(have) < len(wanted):
-            raise UserError(f"--real True needs {len(wanted)} test images of class {c}; the test split of "
-                            f"{cfg['dataset']} has {len(have)}: lower --genum")
+            raise UserError(f"--real {split} needs {len(wanted)} images of class {c}; the {split} split of "
+                            f"{cfg['dataset']} has {len(have)}: lower --genum" +
+                            (" or use --real all (the training images)" if split == "test" else ""))
         index[wanted] = have[:len(wanted)]
     return data.images[index]
 

@@ -67,7 +67,8 @@ FLAG_RULES = {  # every flag: tests/test_flags.py fails on a flag without a rule
     "amp": AMP, "compile": AUTO_OR_BOOL, "channels_last": AUTO_OR_BOOL, "compile_mode": COMPILE_MODE,
     "device": DEVICE, "png": AUTO_OR_BOOL, "compat": unset_or(COMPAT, "the run's --compat"),
     **{flag: ANY for flag in ("path", "ddim", "fid", "path_proto", "eval_classifier", "ref_stats", "inception_weights",
-                              "data_root", "out", "local_rank", "skip_scored", "tensorboard", "real")},
+                              "data_root", "out", "local_rank", "skip_scored", "tensorboard")},
+    "real": one_of("False", "test", "all"),
     "per_class": CLASSES_OR_BOOL,
 }
 
@@ -154,14 +155,14 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--label range needs the image count ({n}) to be a multiple of --clsnum ({clsnum})")
     if args.fid and n < 2:
         raise UserError(f"--fid True needs --genum >= 2 (a covariance needs two images); got {n}")
-    if args.real and not (args.fid and args.label == "range"):
-        raise UserError("--real True scores --genum real test images in balanced classes: it needs --fid True and "
+    if args.real != "False" and not (args.fid and args.label == "range"):
+        raise UserError(f"--real {args.real} scores --genum real images in balanced classes: it needs --fid True and "
                         "--label range")
     # (point, w) pairs: one, PNGs in --out (default RUN/samples_E); several: a curve needs numbers, so PNGs only with
     # --png True, in OUT/samples_E (default RUN/samples_E; a step: samples_stepS), with _w{w} when several w are asked
     runs = [(p, w) for p in points for w in ws]
     several = len(runs) > 1
-    write_png = (not several if str(args.png).lower() == "auto" else str2bool(args.png)) and not args.real
+    write_png = (not several if str(args.png).lower() == "auto" else str2bool(args.png)) and args.real == "False"
     base = {(p, w): args.out if args.out and not several else os.path.join(
         args.out or args.path, f"samples_{point_name(*p)}" + (f"_w{w:g}" if len(ws) > 1 else "")) for p, w in runs}
     if write_png:
@@ -191,7 +192,7 @@ def main(args: argparse.Namespace) -> None:
                       args.per_class) if args.fid else None
     if scoring is not None:  # the reference first: a training set that cannot be read stops before any sampling
         scoring.reference_stats(cfg, d.device, d.rank, d.world, d.control)
-    if args.real:
+    if args.real != "False":
         return score_real(args, cfg, diffusion, net, cemblayer, labels, sampler, scoring, spec, d, say)
     board = Board(args.path) if args.tensorboard and args.fid and d.is_main else None
     position, loaded = None, None
@@ -224,25 +225,26 @@ def main(args: argparse.Namespace) -> None:
     teardown_distributed()
 
 
-REAL = {"sampler": "real", "steps": None, "eta": None, "select": None, "w": None, "weights": None, "split": "test"}
+REAL = {"sampler": "real", "steps": None, "eta": None, "select": None, "w": None, "weights": None}
 
 
 def score_real(args: argparse.Namespace, cfg: dict, diffusion: GaussianDiffusion, net: torch.nn.Module,
                cemblayer: torch.nn.Module, labels: torch.Tensor, sampler: Sampler, scoring: Scoring, compat: str,
                d: Any, say: Any) -> None:
-    """--real True: --genum real test images, one per label, scored as the samples are, into RUN/metrics.jsonl: the
-    floor a perfect model would reach in this evaluation (its sampling noise at this n)."""
+    """--real test|all: --genum real images of that split, one per label, scored as the samples are, into
+    RUN/metrics.jsonl: the floor a perfect model would reach in this evaluation (its sampling noise at this n)."""
+    real_fields = REAL | {"split": args.real}
     template = fid_record({"fid": None, "n": args.genum}, scoring, sampler, diffusion.T, None, None, "", compat,
-                          args.label) | REAL
+                          args.label) | real_fields
     if args.skip_scored and already_scored(args.path, template, scoring.classes(cfg["num_classes"])):
-        say(f"the real-vs-real floor of {args.genum} test images: already scored ({args.path}/metrics.jsonl); skipped")
+        say(f"the real-vs-real floor of {args.genum} {args.real}-split images: already scored ({args.path}/metrics.jsonl); skipped")
         return teardown_distributed()
-    real = real_images(cfg, args.data_root or cfg.get("data_root", "datasets"), labels)
+    real = real_images(cfg, args.data_root or cfg.get("data_root", "datasets"), labels, args.real)
     result = evaluate(diffusion, net, cemblayer, cfg, labels, sampler, scoring, d.rank, d.world, group=d.control,
                       real=real)
     if d.is_main:
-        record = fid_record(result, scoring, sampler, diffusion.T, None, None, "", compat, args.label) | REAL
-        print(f"real-vs-real floor: {scoring.metric} {result['fid']:.4f} of {result['n']} test images" +
+        record = fid_record(result, scoring, sampler, diffusion.T, None, None, "", compat, args.label) | real_fields
+        print(f"real-vs-real floor: {scoring.metric} {result['fid']:.4f} of {result['n']} {args.real}-split images" +
               (f", class accuracy {result['class_accuracy']:.4f}" if "class_accuracy" in result else ""), flush=True)
         append_line(os.path.join(args.path, "metrics.jsonl"), json.dumps(record) + "\n")
     teardown_distributed()
@@ -283,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default=None, help="sample saved global steps instead of epochs (train.py "
                    "--save_steps): a step, a comma list of them or all; each gets its own FID record, whose epoch "
                    "is the epochs trained by then (a fraction)")
-    p.add_argument("--real", type=str2bool, default=False, help="with --fid, score --genum real test-split images "
-                   "(the first of each class, balanced as --label range) instead of samples: the real-vs-real floor "
-                   "of the same evaluation, one record with sampler 'real' in PATH/metrics.jsonl")
+    p.add_argument("--real", default="False", help="with --fid, score --genum real images instead of samples (the "
+                   "first of each class, balanced as --label range): the real-vs-real floor of the same evaluation, one "
+                   "record with sampler 'real' in PATH/metrics.jsonl; test: the held-out split, all: the training "
+                   "images, which the reference holds too (digits has too few held out), False: sample")
     p.add_argument("--ddim", type=str2bool, default=False, help="DDIM instead of T-step ancestral DDPM")
     p.add_argument("--num_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")

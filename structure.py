@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "confusion on its test split, class means over its training split")
     p.add_argument("--data_root", default="datasets", help="folder holding the datasets")
     p.add_argument("--image_size", type=int, default=-1, help="resize images to this size (-1: native)")
-    p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
+    p.add_argument("--download", type=str2bool, default=True, help="download cifar10, stl10 or fashion_mnist when missing")
     p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="also write the markdown table here")

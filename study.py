@@ -162,7 +162,8 @@ def run_tasks(study: dict, gpus: int) -> list[Task]:
                     "--eval_classifier", eval_classifier_file(study), "--per_class", str(ev.get("per_class", False)),
                     "--data_root", study.get("data_root", "datasets"), "--png", "False", "--skip_scored", "True"]
                 tasks.append(Task(name, [train, score] + ([score + ["--step", "all"]] if steps else []) +
-                                  [score + ["--real", "True"]], "run", None, arm, seed, c, run_dir))
+                                  [score + ["--real", ev.get("floor_split", "test")]], "run", None, arm, seed, c,
+                                  run_dir))
     return tasks
 
 

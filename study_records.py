@@ -115,4 +115,5 @@ def collect(runs: list, study: dict, classifier_file: str | None = None) -> tupl
     data = {m: {a: {s: {e: float(np.mean(list(v.values()))) for e, v in c.items()} for s, c in seeds.items()}
                 for a, seeds in arms.items()} for m, arms in by_seed.items()}
     return data, {"scorer": want, "expected": expected, "used": used, "left_out": len(records) - used - len(floors),
-                  "scored_runs": len(scored), "floor": floor, "floor_records": len(floors)}
+                  "scored_runs": len(scored), "floor": floor, "floor_records": len(floors),
+                  "floor_split": ", ".join(sorted({str(r.get("split")) for r in floors})) or "test"}

@@ -158,8 +158,10 @@ def markdown(study: dict, result: dict, read: dict) -> str:
              f"evaluation, runs already there at the first), ratio to the baseline; mean {fid} over log-{x}s up to "
              f"{x} {ends.get('early_until')}. Equivalence margins: {ends.get('equivalence') or 'none declared'}.", ""]
     floor = read["floor"]
-    lines += [f"Real-vs-real floor ({e['n']} real test images, the same evaluation; {read['floor_records']} records): "
-              + (", ".join(f"{label(m, study)} {v:.4f}" for m, v in floor.items()) if floor else "not scored"), ""]
+    lines += [f"Real-vs-real floor ({e['n']} real images of the {read['floor_split']} split, the same evaluation; "
+              f"{read['floor_records']} records): "
+              + (", ".join(f"{label(m, study)} {v:.{1 if 'accuracy' in m else 4}f}" for m, v in floor.items())
+                 if floor else "not scored"), ""]
     lines += test_rows(study, result)
     reach, early = result["per_run"].get("steps_to_threshold"), result["per_run"].get("early_mean")
     if reach or early:

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data_root", default="datasets", help="folder holding the datasets (imagefolder: the folder "
                    "of class folders itself)")
-    p.add_argument("--download", type=str2bool, default=True, help="download cifar10/stl10 when missing")
+    p.add_argument("--download", type=str2bool, default=True, help="download cifar10, stl10 or fashion_mnist when missing")
     p.add_argument("--tiny_imagenet_path", default=None, help="the unzipped tiny-imagenet-200 folder, or its train/ "
                    "folder as the original code took it (default DATA_ROOT/tiny-imagenet-200)")
     p.add_argument("--path_resume", default=None, help="run dir to continue, bit for bit, from its newest checkpoint, "

@@ -87,7 +87,7 @@ def test_the_real_floor_scores_the_first_test_images_of_each_class_as_samples_ar
     from evaluate import classifier_for
     run, clf = trained
     shutil.copytree(run, tmp_path / "run")
-    record = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "True")[-1]
+    record = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "test")[-1]
     assert (record["sampler"], record["split"], record["w"], record["n"]) == ("real", "test", None, 20)
     assert not list((tmp_path / "run").glob("samples_*"))  # no PNGs, no grid
     test = load_dataset("digits", "test")
@@ -104,7 +104,7 @@ def test_the_real_floor_scores_the_first_test_images_of_each_class_as_samples_ar
     assert record["value"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
     labels = torch.arange(20) % 10
     assert record["class_accuracy"] == pytest.approx((logits.argmax(1) == labels).double().mean().item())
-    again = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "True", "--skip_scored", "True")
+    again = run_sample(tmp_path / "run", clf, tmp_path, "2", "--real", "test", "--skip_scored", "True")
     assert len(again) == 1  # the floor with the same settings: skipped
 
 

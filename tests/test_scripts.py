@@ -34,7 +34,7 @@ def test_dataset_scripts_dry_run_print_a_study_whose_commands_parse(script, data
     # score every saved epoch, the real-vs-real floor
     assert scripts == ["train_classifier.py"] * 3 + ["study.py"] + ["train.py", "sample.py", "sample.py"] * 30
     floors = [cmd for cmd in commands if "--real" in cmd]
-    assert len(floors) == 30 and all(sample.build_parser().parse_args(c[c.index("sample.py") + 1:]).real
+    assert len(floors) == 30 and all(sample.build_parser().parse_args(c[c.index("sample.py") + 1:]).real == "test"
                                      for c in floors)
     out = f"results/{script[:-3]}" + (f"-compat_{compat}" if compat != "none" else "")  # one folder per --compat
     arms = []

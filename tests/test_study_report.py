@@ -111,3 +111,18 @@ def test_the_records_of_another_evaluation_classifier_are_not_the_study_s(tmp_pa
     assert sorted(result["curves"]["fid"]["base"]) == ["1"] and result["curves"]["fid"]["base"]["1"]["mean"] == 5.5
     with pytest.raises(UserError, match="scored by 2 evaluation classifiers"):  # no file to say which
         study_report.write_report(study, runs, str(tmp_path / "gone.pt"))
+
+
+def test_the_published_digits_study_rebuilds_from_its_records_on_a_fresh_clone(tmp_path, monkeypatch):
+    import os
+    import shutil
+    from conftest import ROOT, run_program
+    published = os.path.join(ROOT, "docs", "results", "digits_study3")
+    shutil.copytree(published, tmp_path / "study")
+    for made in ("report.md", "report.json", "report.png"):
+        os.remove(tmp_path / "study" / made)
+    monkeypatch.chdir(ROOT)  # the report names its study file as given
+    r = run_program("study.py", ["studies/digits_study3.toml", "--set", f"out={tmp_path / 'study'}", "--task", "report"])
+    assert r.returncode == 0 and "report of 20/20 runs with scores" in r.stdout, r.stderr
+    assert (tmp_path / "study" / "report.json").read_text() == open(os.path.join(published, "report.json")).read()
+    assert (tmp_path / "study" / "report.md").read_text() == open(os.path.join(published, "report.md")).read()
