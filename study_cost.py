@@ -20,7 +20,7 @@ def gpu_estimate(study: dict, n_runs: int, scored: int, images: int) -> str:
     score_h = scored * study["evaluation"]["images"] / (SAMPLE_IMG_S / pixels) / 3600
     disk = (scored * WEIGHTS_MB + min(study.get("keep_last", 2), scored) * STATE_MB) / 1000
     return (f"# estimate per run (H200 rates of 2026-11-26, the paper UNet; not a measurement): training "
-            f"{train_h:.1f} GPU-h ({study['epochs']} epochs x {images:,} images), scoring {scored} epochs "
+            f"{train_h:.1f} GPU-h ({study['epochs']} epochs x {images:,} images), scoring {scored} points "
             f"{score_h:.1f} GPU-h, disk {disk:.1f} GB; {n_runs} runs: {n_runs * (train_h + score_h):.0f} "
             f"GPU-h, {n_runs * disk:.0f} GB")
 

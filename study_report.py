@@ -65,7 +65,10 @@ def declared_tests(study: dict, fid: dict) -> tuple[dict, list[dict]]:
                 s, m = summary(x, True), margin.get("early_mean")
                 eq = equivalence(x, -m, m) if m else None
             tests.append({"endpoint": endpoint, "arm": a, "baseline": b, **s, "equivalence": eq})
-    for t, adjusted in zip(tests, holm([t["p"] for t in tests])):
+    declared = ends.get("declared", list(per_run))  # the endpoints tested; the rest are reported as exploratory
+    for t in tests:
+        t["declared"] = t["endpoint"] in declared
+    for t, adjusted in zip([t for t in tests if t["declared"]], holm([t["p"] for t in tests if t["declared"]])):
         t["holm"] = adjusted
     return per_run, tests
 
@@ -109,17 +112,28 @@ def time_cell(run: tuple[float, str] | None) -> str:
     return {"reached": f"{run[0]:.1f}", "never": f">{run[0]:g}", "at first": f"<={run[0]:g}"}[run[1]]
 
 
-def test_rows(study: dict, result: dict) -> list[str]:
-    """The declared tests' table."""
-    tests = result["tests"]
+def tests_table(study: dict, result: dict) -> list[str]:
+    """The declared tests' table, and the other endpoints' comparisons after it (exploratory)."""
+    tests = [t for t in result["tests"] if t["declared"]]
     n = max((t["n"] for t in tests), default=0)
     most = math.ceil(0.05 / smallest_p(n)) - 1 if n else 0
+    head = ["| endpoint | arm - baseline | estimate [95% t] seeds ahead/n | censored (never, at first: arm; baseline) "
+            "| sign-flip p | Holm p | equivalence (90% t interval in margin) |", "|---|---|---|---|---|---|---|"]
     lines = [f"## Declared tests: {len(tests)}, Holm-corrected across all of them", "",
              f"Sign-flip p-values are exact (all 2^n sign patterns); with {n} seeds the smallest is "
-             f"{smallest_p(n):.4f}, so a Holm-adjusted p below 0.05 needs at most {most} tests. Equivalence: two one-sided t tests at 5% against the declared margin (the 90% t interval "
-             "inside it).", "", "| endpoint | arm - baseline | estimate [95% t] seeds ahead/n | censored (never, at "
-             "first: arm; baseline) | sign-flip p | Holm p | equivalence (90% t interval in margin) |",
-             "|---|---|---|---|---|---|---|"]
+             f"{smallest_p(n):.4f}, so a Holm-adjusted p below 0.05 needs at most {most} tests. Equivalence: two "
+             "one-sided t tests at 5% against the declared margin (the 90% t interval inside it).", "", *head,
+             *table_lines(tests)]
+    others = [t for t in result["tests"] if not t["declared"]]
+    if others:
+        lines += ["", "Exploratory (an endpoint not declared as a test: no correction, the p-value descriptive):", "",
+                  *head, *table_lines(others)]
+    return lines + [""]
+
+
+def table_lines(tests: list[dict]) -> list[str]:
+    """One table row per test."""
+    lines = []
     for t in tests:
         ratio = t["endpoint"] == "steps_to_threshold"
         estimate = ratio_cell(t) if ratio else fmt(t, 3)
@@ -128,9 +142,10 @@ def test_rows(study: dict, result: dict) -> list[str]:
         eq_cell = "no margin declared" if not eq else (
             f"{'shown' if eq['shown'] else 'not shown'}: [{eq['interval'][0]:.3f}, {eq['interval'][1]:.3f}] in "
             f"({eq['margin'][0]:.3f}, {eq['margin'][1]:.3f}), p {eq['p']:.3f}")
+        holm_cell = f"{t['holm']:.4f}" if "holm" in t else "-"
         lines.append(f"| {ENDPOINTS[t['endpoint']]} | `{t['arm']}` - `{t['baseline']}` | {estimate} | {cens} | "
-                     f"{t['p']:.4f} | {t['holm']:.4f} | {eq_cell} |")
-    return lines + [""]
+                     f"{t['p']:.4f} | {holm_cell} | {eq_cell} |")
+    return lines
 
 
 def ratio_cell(s: dict) -> str:
@@ -162,7 +177,7 @@ def markdown(study: dict, result: dict, read: dict) -> str:
               f"{read['floor_records']} records): "
               + (", ".join(f"{label(m, study)} {v:.{1 if 'accuracy' in m else 4}f}" for m, v in floor.items())
                  if floor else "not scored"), ""]
-    lines += test_rows(study, result)
+    lines += tests_table(study, result)
     reach, early = result["per_run"].get("steps_to_threshold"), result["per_run"].get("early_mean")
     if reach or early:
         lines += ["## The endpoints per training seed", "", f"| arm | {x}s to {fid} <= {ends.get('fid_threshold')} "

@@ -73,7 +73,7 @@ def test_the_study_saves_log_spaced_early_epochs_light_and_estimates_each_run():
     # 200 epochs x 50,000 training images at 1,596 img/s; 13 scored epochs x 10,000 images at 96 img/s;
     # 13 weights files of 113.0 MB and 2 full states of 452.2 MB
     hours, score, disk = 200 * 50000 / 1596 / 3600, 13 * 10000 / 96 / 3600, (13 * 113.0 + 2 * 452.2) / 1000
-    assert (f"training {hours:.1f} GPU-h (200 epochs x 50,000 images), scoring 13 epochs {score:.1f} GPU-h, "
+    assert (f"training {hours:.1f} GPU-h (200 epochs x 50,000 images), scoring 13 points {score:.1f} GPU-h, "
             f"disk {disk:.1f} GB; 30 runs: {30 * (hours + score):.0f} GPU-h" in r.stdout)
 
 
@@ -177,3 +177,19 @@ def test_a_rerun_of_a_study_keeps_its_finished_classifiers(tmp_path):
     (tmp_path / "classifiers" / "prototypes-c0.pt").write_bytes(b"done")  # finished before a preemption
     r, commands = dry_run("cifar10.sh", "--set", f"out=\"{tmp_path}\"")
     assert "# classifiers prototypes-c0 (kept)" in r.stdout and "# classifiers prototypes-c1\n" in r.stdout
+
+
+def test_the_fashion_mnist_study_saves_and_scores_its_early_steps_and_estimates_the_cpu_hours():
+    r, commands = dry_run("fashion_mnist.sh")
+    assert r.returncode == 0, r.stderr
+    trains = [c for c in commands if "train.py" in c]
+    assert len(trains) == 30  # 5 arms x 6 seeds
+    args = train.build_parser().parse_args(trains[0][trains[0].index("train.py") + 1:])
+    assert (args.dataset, args.image_size, args.epoch, args.save_steps) == ("fashion_mnist", 16, 1, [59, 117, 234, 468])
+    steps = [c for c in commands if "--step" in c]
+    assert len(steps) == 30 and all(sample.build_parser().parse_args(c[c.index("sample.py") + 1:]).step == "all"
+                                    for c in steps)
+    # 60,000 images at 112 img/s; 5 points x 500 images at 8.7 img/s; 15 pairs of runs side by side
+    train_h, score_h = 60000 / 112 / 3600, 5 * 500 / 8.7 / 3600
+    assert (f"training {train_h:.2f} h, scoring 5 points {score_h:.2f} h; 30 runs, 2 side by side: "
+            f"{15 * (train_h + score_h):.1f} h" in r.stdout)

@@ -89,6 +89,13 @@ def test_the_report_pairs_by_seed_tests_the_declared_endpoints_and_keeps_class_0
     assert "## Declared tests: 2, Holm-corrected across all of them" in text
     assert "with 3 seeds the smallest is 0.2500, so a Holm-adjusted p below 0.05 needs at most 0 tests" in text
     assert (tmp_path / "out" / "report.png").stat().st_size > 1000
+    # one endpoint declared as the test: Holm over it alone, the other endpoint's comparison exploratory
+    study["endpoints"] = study["endpoints"] | {"declared": ["early_mean"]}
+    study_report.write_report(study, runs, str(tmp_path / "no-classifier.pt"))
+    ratio, early = json.loads((tmp_path / "out" / "report.json").read_text())["tests"]
+    assert not ratio["declared"] and "holm" not in ratio and early["holm"] == pytest.approx(early["p"])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Declared tests: 1, Holm" in text and "Exploratory (an endpoint not declared as a test" in text
 
 
 def test_the_records_of_another_evaluation_classifier_are_not_the_study_s(tmp_path):
