@@ -58,7 +58,7 @@ def load_study(path: str, overrides: list[str], arms: list[str] | None) -> dict:
         if base not in study["arms"]:
             raise UserError(f"endpoints.baselines names '{base}', which is not an arm ({', '.join(study['arms'])})")
     ends = study["endpoints"]
-    if ends.get("pilot_seed") in study["train_seeds"]:
+    if ends.get("pilot_seed") in study["train_seeds"] and not study.get("pilot"):  # pilot = true: the pilot itself
         raise UserError(f"endpoints.pilot_seed {ends['pilot_seed']} is a training seed: the threshold needs another run")
     for c in ends.get("comparisons", []):
         arm, sep, base = c.partition(" - ")

@@ -30,10 +30,11 @@ def cpu_estimate(study: dict, n_runs: int, scored: int, images: int) -> str:
     rates, jobs = study["cpu_rates"], max(1, study.get("jobs", 1))
     train_h = study["epochs"] * images / rates["train_img_s"] / 3600
     score_h = scored * study["evaluation"]["images"] / rates["sample_img_s"] / 3600
+    other_h = rates.get("overhead_s", 0) / 3600  # process starts, data, checkpoints, the floor: measured per run
     return (f"# estimate per run ({rates.get('machine', 'a CPU')}, rates measured {rates.get('measured', '')}: "
             f"training {rates['train_img_s']} img/s, scoring {rates['sample_img_s']} img/s): training {train_h:.2f} h, "
-            f"scoring {scored} points {score_h:.2f} h; {n_runs} runs, {jobs} side by side: "
-            f"{math.ceil(n_runs / jobs) * (train_h + score_h):.1f} h")
+            f"scoring {scored} points {score_h:.2f} h, the rest {other_h:.2f} h; {n_runs} runs, {jobs} side by side: "
+            f"{math.ceil(n_runs / jobs) * (train_h + score_h + other_h):.1f} h, the classifiers apart")
 
 
 def estimate(study: dict, n_runs: int, scored: int) -> str:

@@ -135,9 +135,14 @@ def test_overrides_compat_and_one_line_errors(tmp_path):
                           ([str(tmp_path / "none.toml")], "cannot read the study file"),
                           ([str(tmp_path / "bad.toml")], "is not valid TOML"),
                           ([path, "--set", "epochs"], "--set takes key=value"),
-                          ([path, "--task", "array"], "SLURM_ARRAY_TASK_ID, which is not set")]:
+                          ([path, "--task", "array"], "SLURM_ARRAY_TASK_ID, which is not set"),
+                          ([path, "--set", "endpoints.pilot_seed=1"],
+                           "endpoints.pilot_seed 1 is a training seed: the threshold needs another run"),
+                          ([path, "--set", 'endpoints.comparisons=["regular"]'],
+                           "endpoints.comparisons: 'regular' is not 'ARM - BASELINE' of two arms")]:
         r = run_program("study.py", args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert study.load_study(path, ["endpoints.pilot_seed=1", "pilot=true"], None)["pilot"]  # the pilot itself
     r = run_program("study.py", [path, "--set", "eval_classifier.seed=1"])
     assert r.returncode == 2 and "eval_classifier.seed 1 is a prototype classifier's seed" in r.stderr
     path = write_study(tmp_path, **{'"regular_padding_idx"]': '"nothing"]'})
